@@ -1,0 +1,71 @@
+"""The report folder: every file, consistent numbers, a table a person can read."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipn_eval.metrics import auroc
+from clipn_eval.report import AVERAGE, markdown_table, metric_rows, write_report
+
+
+def _scores() -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    rng = np.random.default_rng(0)
+    id_s = {"atd": rng.normal(1, 1, 60), "msp": rng.normal(0.5, 1, 60)}
+    ood = {
+        "far": {"atd": rng.normal(-2, 1, 40), "msp": rng.normal(-1, 1, 40)},
+        'near, "quoted"': {"atd": rng.normal(0.5, 1, 30), "msp": rng.normal(0.4, 1, 30)},
+    }
+    return id_s, ood
+
+
+def test_rows_and_average() -> None:
+    id_s, ood = _scores()
+    rows = metric_rows(id_s, ood, ["atd", "msp"])
+    assert len(rows) == 6
+    far_atd = next(r for r in rows if r.ood_set == "far" and r.method == "atd")
+    assert far_atd.auroc == pytest.approx(auroc(id_s["atd"], ood["far"]["atd"]))
+    avg = next(r for r in rows if r.ood_set == AVERAGE and r.method == "atd")
+    sets = [r for r in rows if r.method == "atd" and r.ood_set != AVERAGE]
+    assert avg.auroc == pytest.approx(np.mean([r.auroc for r in sets]))
+    assert avg.n_ood == 70
+
+
+def test_write_report_every_file(tmp_path: Path) -> None:
+    id_s, ood = _scores()
+    rows = metric_rows(id_s, ood, ["atd", "msp"])
+    paths = write_report(tmp_path, rows, id_s, ood, ["atd", "msp"], id_accuracy=0.5, meta={"engine": "b/"})
+    names = sorted(p.name for p in paths)
+    assert names == sorted(
+        [
+            "metrics.csv",
+            "metrics.json",
+            "metrics.md",
+            "roc_far.png",
+            "hist_far.png",
+            "roc_near___quoted_.png",
+            "hist_near___quoted_.png",
+        ]
+    )
+    for p in paths:
+        assert p.stat().st_size > 0
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "metrics.csv", newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert {r["ood_set"] for r in table} == {"far", 'near, "quoted"', AVERAGE}
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["id_accuracy"] == 0.5 and len(doc["rows"]) == 6 and doc["meta"]["engine"] == "b/"
+    md = (tmp_path / "metrics.md").read_text()
+    assert "| CLIPN-ATD |" in md and "ID top-1 accuracy: 50.00 %" in md
+
+
+def test_markdown_percentages() -> None:
+    id_s = {"atd": np.array([3.0, 2.0])}
+    ood = {"x": {"atd": np.array([1.0, 0.0])}}
+    md = markdown_table(metric_rows(id_s, ood, ["atd"]))
+    assert "| CLIPN-ATD | 100.00 / 0.00 |" in md
