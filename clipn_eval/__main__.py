@@ -1,0 +1,3 @@
+from clipn_eval.cli import main
+
+main()

@@ -1,0 +1,295 @@
+"""Score an ID folder and OOD folders once, every method from the same pass, with a resumable score cache.
+
+Two scorers share one interface: :class:`EngineScorer` runs a bundle through the torch-free runtime;
+:class:`TorchScorer` (``clipn-eval --torch``) runs the PyTorch CLIPN model and the numpy scoring core — the
+reference a user compares an export against on their own data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from clipn_runtime.errors import InputFileError, UserError
+from clipn_runtime.inputs import expand_inputs
+from clipn_runtime.prompts import PromptSet
+from clipn_runtime.scoring import METHODS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    """One image's outcome: the predicted class index and every method's ID-score, or an error."""
+
+    path: str
+    pred_index: int | None
+    scores: dict[str, float] | None
+    error: str | None = None
+
+
+class Scorer(Protocol):
+    classes: list[str]
+
+    def key(self) -> str:
+        """Identifies what produces the scores (weights, classes, prompts): the score cache is keyed by it."""
+        ...
+
+    def score(self, paths: Sequence[str]) -> Iterator[ScoredImage]: ...
+
+
+def _method_scores(values: Mapping[str, Any]) -> dict[str, float]:
+    return {m: float(values[field_name]) for m, (field_name, _) in METHODS.items()}
+
+
+class EngineScorer:
+    """A bundle through :class:`clipn_runtime.Detector` (onnxruntime or TensorRT)."""
+
+    def __init__(self, bundle: str | os.PathLike[str], **detector_kw: Any) -> None:
+        from clipn_runtime.detector import Detector
+
+        self.detector = Detector(bundle, **detector_kw)
+        self.classes = list(self.detector.classes)
+
+    def key(self) -> str:
+        m = self.detector.manifest
+        engine = self.detector.engine.describe()
+        ident = {"files": [f.sha256 for f in m.files], "classes": self.classes, "engine": engine}
+        return "engine-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def score(self, paths: Sequence[str]) -> Iterator[ScoredImage]:
+        for d in self.detector.iter_detect(paths):
+            if d.error is not None:
+                yield ScoredImage(str(d.path), None, None, d.error)
+            else:
+                yield ScoredImage(str(d.path), d.pred_index, _method_scores(d.scores))
+
+
+@dataclass
+class ImageSet:
+    """A named folder of images; ``labels`` are class indices (ID folder as an ImageFolder) or None."""
+
+    name: str
+    root: Path
+    paths: list[str]
+    labels: list[int] | None = None
+
+
+def collect_images(root: str | os.PathLike[str]) -> list[str]:
+    """Every image file under ``root`` (recursively, sorted), via the runtime's input expansion."""
+    r = Path(root)
+    if not r.is_dir():
+        raise UserError(f"{r}: not a folder of images")
+    paths = [it.path for it in expand_inputs([str(r)], recursive=True) if it.kind == "image"]
+    if not paths:
+        raise UserError(f"{r}: no images found (looked recursively for files Pillow can open)")
+    return paths
+
+
+def read_class_map(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``folder<TAB>class name`` per line (e.g. ImageNet wnids: ``n01440764<TAB>tench``)."""
+    p = Path(path)
+    mapping: dict[str, str] = {}
+    try:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputFileError(p, None, f"cannot read the class map: {e}") from None
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        parts = raw.split("\t")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise InputFileError(p, i, "expected 'folder<TAB>class name'")
+        mapping[parts[0].strip()] = parts[1].strip()
+    return mapping
+
+
+def folder_labels(
+    root: Path, paths: Sequence[str], classes: Sequence[str], class_map: Mapping[str, str] | None = None
+) -> list[int] | None:
+    """Class index per image from its top-level folder under ``root`` (ImageFolder layout).
+
+    Folder names are class names, or keys of ``class_map``. Returns None (no accuracy) unless every image sits
+    in a folder that maps to a class.
+    """
+    index = {c: i for i, c in reversed(list(enumerate(classes)))}  # duplicates: the first index wins
+    labels: list[int] = []
+    unmapped: set[str] = set()
+    for p in paths:
+        rel = Path(p).relative_to(root)
+        if len(rel.parts) < 2:
+            return None
+        folder = rel.parts[0]
+        name = class_map.get(folder, folder) if class_map else folder
+        if name not in index:
+            unmapped.add(folder)
+            continue
+        labels.append(index[name])
+    if unmapped:
+        log.warning(
+            "ID accuracy not computed: %d folder(s) do not name a class (e.g. %s); pass --class-map for wnid folders",
+            len(unmapped),
+            sorted(unmapped)[0],
+        )
+        return None
+    return labels
+
+
+@dataclass
+class ScoreCache:
+    """Per-image scores on disk (JSONL, one file per image set, flushed per image) so a crashed run continues."""
+
+    root: Path
+
+    def file(self, set_name: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in set_name)
+        digest = hashlib.sha256(set_name.encode()).hexdigest()[:8]
+        return self.root / f"{safe}-{digest}.jsonl"
+
+    def load(self, set_name: str) -> dict[str, ScoredImage]:
+        f = self.file(set_name)
+        done: dict[str, ScoredImage] = {}
+        if not f.exists():
+            return done
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash: that image is scored again
+                done[r["path"]] = ScoredImage(r["path"], r["pred_index"], r["scores"], r["error"])
+        return done
+
+    def append(self, set_name: str, records: Iterable[ScoredImage]) -> None:
+        f = self.file(set_name)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        with open(f, "a", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r.__dict__, ensure_ascii=False) + "\n")
+                fh.flush()
+
+
+@dataclass
+class SetScores:
+    """Scores of one image set: per-method arrays over the images that scored, preds, and the failures."""
+
+    name: str
+    scores: dict[str, np.ndarray]
+    pred: np.ndarray
+    ok_paths: list[str]
+    errors: list[ScoredImage]
+    from_cache: int
+
+
+def score_set(
+    scorer: Scorer, image_set: ImageSet, cache: ScoreCache | None, *, progress: bool = True
+) -> SetScores:
+    """Score every image of ``image_set`` not already in ``cache``; return all its scores in path order."""
+    done = cache.load(image_set.name) if cache else {}
+    todo = [p for p in image_set.paths if p not in done]
+    cached = len(image_set.paths) - len(todo)
+    bar = tqdm(total=len(image_set.paths), initial=cached, desc=f"scoring {image_set.name}", disable=not progress)
+    try:
+        for r in scorer.score(todo):
+            done[r.path] = r
+            if cache:
+                cache.append(image_set.name, [r])
+            bar.update(1)
+    finally:
+        bar.close()
+    results = [done[p] for p in image_set.paths]
+    ok = [r for r in results if r.error is None and r.scores is not None]
+    scores = {m: np.array([r.scores[m] for r in ok], dtype=np.float64) for m in METHODS}  # type: ignore[index]
+    pred = np.array([r.pred_index for r in ok], dtype=np.int64)
+    return SetScores(
+        image_set.name, scores, pred, [r.path for r in ok], [r for r in results if r.error is not None], cached
+    )
+
+
+def id_accuracy(image_set: ImageSet, scored: SetScores) -> float | None:
+    if image_set.labels is None or not scored.ok_paths:
+        return None
+    label = dict(zip(image_set.paths, image_set.labels, strict=True))
+    truth = np.array([label[p] for p in scored.ok_paths])
+    return float(np.mean(truth == scored.pred))
+
+
+class TorchScorer:
+    """The PyTorch CLIPN model (open_clip's own eval transform) + the numpy scoring core: the reference path."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        classes: Sequence[str],
+        *,
+        model: str | None = None,
+        pretrained: str | None = None,
+        prompts: str | PromptSet = "clipn",
+        scale: float | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+    ) -> None:
+        from clipn_export.textbank import build_text_bank
+        from clipn_train.model import create_clipn
+
+        if model is None:
+            raise UserError(
+                "--torch needs --model (an open_clip name or a model-config JSON), or an --engine to copy it from"
+            )
+        self.loaded = create_clipn(model, pretrained, checkpoint=checkpoint, device=device)
+        self.loaded.model.eval()
+        self.classes = list(classes)
+        self.bank = build_text_bank(self.loaded, self.classes, prompts)
+        self.scale = float(scale) if scale is not None else self.loaded.model.scale
+        self.batch_size = batch_size
+        self.device = device
+
+    def key(self) -> str:
+        info = self.loaded.info
+        ident = {"ckpt": info.checkpoint_sha256, "bank": self.bank.key, "scale": self.scale}
+        return "torch-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _images(self, paths: Sequence[str]) -> Iterator[tuple[str, Any, str | None]]:
+        from PIL import Image
+
+        for p in paths:
+            try:
+                with Image.open(p) as im:
+                    yield p, self.loaded.preprocess_val(im), None
+            except Exception as e:
+                yield p, None, f"{type(e).__name__}: {e}"
+
+    def score(self, paths: Sequence[str]) -> Iterator[ScoredImage]:
+        import torch
+
+        from clipn_runtime.scoring import score_features
+
+        batch: list[tuple[str, Any]] = []
+
+        def flush() -> Iterator[ScoredImage]:
+            with torch.inference_mode():
+                x = torch.stack([t for _, t in batch]).to(self.device)
+                feats = self.loaded.model.encode_image(x, normalize=False).float().cpu().numpy()
+            s = score_features(feats, self.bank.yes, self.bank.no, self.scale)
+            for i, (p, _) in enumerate(batch):
+                yield ScoredImage(p, int(s.pred[i]), _method_scores(s.row(i)))
+            batch.clear()
+
+        for p, tensor, err in self._images(paths):
+            if err is not None:
+                yield ScoredImage(p, None, None, err)
+                continue
+            batch.append((p, tensor))
+            if len(batch) >= self.batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
