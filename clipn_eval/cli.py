@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from clipn_eval.evaluate import Scorer
+from clipn_eval.evaluate import SORTED_FOLDERS, Scorer
 from clipn_runtime.errors import UserError
 
 log = logging.getLogger("clipn_eval")
@@ -28,8 +28,9 @@ fpr95_nearest (MCM / Hendrycks et al.: the nearest ROC point).
 
 \b
 ID top-1 accuracy is computed when the ID folder is an ImageFolder whose
-sub-folder names are class names of the bundle (or map to them through
---class-map, e.g. ImageNet wnids: 'n01440764<TAB>tench' per line).
+sub-folder names are class names of the bundle, or map to them through
+--class-map FILE ('n01440764<TAB>tench' per line) or --class-map sorted (the
+i-th folder in sorted order is class i: ImageNet's wnid folders).
 
 \b
 Examples:
@@ -71,7 +72,10 @@ def _methods(value: str) -> list[str]:
 @click.option("--methods", default=",".join(ALL_METHODS), show_default=True, help="Comma-separated methods.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
 @click.option(
-    "--class-map", type=click.Path(path_type=Path), help="folder<TAB>class name per line (wnid folders)."
+    "--class-map",
+    metavar="FILE|sorted",
+    help="ID folder → class: a file of 'folder<TAB>class name' lines, or 'sorted' (i-th sorted folder = class i, "
+    "e.g. ImageNet wnid folders with --classes imagenet).",
 )
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
@@ -96,7 +100,7 @@ def main(
     ood: tuple[str, ...],
     methods: str,
     output: Path,
-    class_map: Path | None,
+    class_map: str | None,
     batch_size: int,
     device: str,
     precision: str | None,
@@ -202,7 +206,7 @@ def evaluate(
     methods: list[str],
     out: Path,
     *,
-    class_map: Path | None = None,
+    class_map: str | Path | None = None,
     plots: bool = True,
     meta: dict[str, object] | None = None,
     progress: bool = True,
@@ -221,7 +225,7 @@ def evaluate(
 
     id_paths = collect_images(id_dir)
     ood_sets = [ImageSet(name, folder, collect_images(folder)) for name, folder in oods]
-    mapping = read_class_map(class_map) if class_map else None
+    mapping = class_map if class_map is None or class_map == SORTED_FOLDERS else read_class_map(class_map)
     id_set = ImageSet("ID", id_dir, id_paths, folder_labels(id_dir, id_paths, scorer.classes, mapping))
     cache = ScoreCache(out / "scores" / scorer.key())
 

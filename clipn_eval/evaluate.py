@@ -113,35 +113,43 @@ def read_class_map(path: str | os.PathLike[str]) -> dict[str, str]:
     return mapping
 
 
+#: ``--class-map sorted``: the i-th folder in sorted order is class i (ImageNet's wnid folders: sorted wnids are
+#: the label order, which is the order of the built-in ``imagenet`` class list).
+SORTED_FOLDERS = "sorted"
+
+
 def folder_labels(
-    root: Path, paths: Sequence[str], classes: Sequence[str], class_map: Mapping[str, str] | None = None
+    root: Path, paths: Sequence[str], classes: Sequence[str], class_map: Mapping[str, str] | str | None = None
 ) -> list[int] | None:
     """Class index per image from its top-level folder under ``root`` (ImageFolder layout).
 
-    Folder names are class names, or keys of ``class_map``. Returns None (no accuracy) unless every image sits
-    in a folder that maps to a class.
+    Folder names are class names, keys of a ``class_map`` dict, or (``class_map="sorted"``) ranks in sorted
+    order. Returns None (no accuracy) unless every image sits in a folder that maps to a class.
     """
-    index = {c: i for i, c in reversed(list(enumerate(classes)))}  # duplicates: the first index wins
-    labels: list[int] = []
-    unmapped: set[str] = set()
+    folders = []
     for p in paths:
         rel = Path(p).relative_to(root)
         if len(rel.parts) < 2:
             return None
-        folder = rel.parts[0]
-        name = class_map.get(folder, folder) if class_map else folder
-        if name not in index:
-            unmapped.add(folder)
-            continue
-        labels.append(index[name])
+        folders.append(rel.parts[0])
+    if class_map == SORTED_FOLDERS:
+        names = sorted(set(folders))
+        if len(names) > len(classes):
+            log.warning("ID accuracy not computed: %d folders but %d classes", len(names), len(classes))
+            return None
+        rank = {f: i for i, f in enumerate(names)}
+        return [rank[f] for f in folders]
+    index = {c: i for i, c in reversed(list(enumerate(classes)))}  # duplicates: the first index wins
+    mapping = class_map if isinstance(class_map, Mapping) else {}
+    unmapped = sorted({f for f in folders if mapping.get(f, f) not in index})
     if unmapped:
         log.warning(
-            "ID accuracy not computed: %d folder(s) do not name a class (e.g. %s); pass --class-map for wnid folders",
+            "ID accuracy not computed: %d folder(s) do not name a class (e.g. %s); pass --class-map",
             len(unmapped),
-            sorted(unmapped)[0],
+            unmapped[0],
         )
         return None
-    return labels
+    return [index[mapping.get(f, f)] for f in folders]
 
 
 @dataclass

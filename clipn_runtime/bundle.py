@@ -7,6 +7,11 @@ A bundle is a directory::
     text_bank.npz       the yes/no class banks baked into the engines (arrays ``yes``, ``no``; C×D, fp32)
     model.plan          optional TensorRT engine (+ the TensorRT version and GPU it was built for)
 
+Open-vocabulary bundles (``clipn-export --open-vocabulary``) add ``text_encoder_yes.onnx``,
+``text_encoder_no.onnx`` and ``tokenizer.json`` (roles ``text_encoder_yes``/``text_encoder_no``/``tokenizer``)
+and the manifest section ``open_vocabulary`` (:class:`OpenVocabulary`); their image engines take the class
+banks as inputs (defaulting to the baked ones), so the runtime can swap in banks for a new class list.
+
 The runtime refuses a bundle whose manifest format/version it does not know, whose files are missing or do not
 match their sha256, or whose fields are inconsistent — with one message listing every problem and what to do.
 """
@@ -30,8 +35,19 @@ MANIFEST_NAME = "clipn.json"
 ROLE_IMAGE_ENGINE = "image_engine"
 ROLE_TEXT_BANK = "text_bank"
 ROLE_TENSORRT = "tensorrt_engine"
+ROLE_TEXT_ENCODER_YES = "text_encoder_yes"
+ROLE_TEXT_ENCODER_NO = "text_encoder_no"
+ROLE_TOKENIZER = "tokenizer"
 KNOWN_ROLES = frozenset(
-    {ROLE_IMAGE_ENGINE, ROLE_TEXT_BANK, ROLE_TENSORRT, "text_encoder_yes", "text_encoder_no", "tokenizer", "other"}
+    {
+        ROLE_IMAGE_ENGINE,
+        ROLE_TEXT_BANK,
+        ROLE_TENSORRT,
+        ROLE_TEXT_ENCODER_YES,
+        ROLE_TEXT_ENCODER_NO,
+        ROLE_TOKENIZER,
+        "other",
+    }
 )
 PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_DTYPES = ("float32", "float16", "uint8")
@@ -96,6 +112,55 @@ class Scoring:
 
 
 @dataclass(frozen=True)
+class OpenVocabulary:
+    """``clipn.json``'s ``open_vocabulary`` section: how the runtime computes banks for new classes.
+
+    ``text_encoders``/``bank_inputs`` map a tower (``yes``/``no``) to its encoder file (``tokens`` int64
+    batch×sequence → ``text_features`` float32 batch×D, unnormalised) and to the image engines' input that
+    takes its C×D bank. ``sequence`` is ``dynamic`` (the encoders take any length 2…``context_length``) or
+    ``fixed``; ``truncation_is_exact`` says whether prompts may be cut to their token count (causal mask + EOT
+    pooling). ``tokenizer``: the ``tokenizer.json`` file and ``tokenizer_meta`` what it was built from.
+    """
+
+    text_encoders: dict[str, str]
+    bank_inputs: dict[str, str]
+    tokenizer: str
+    context_length: int
+    embed_dim: int
+    sequence: str = "dynamic"
+    truncation_is_exact: bool = True
+    tokens_input: str = "tokens"
+    features_output: str = "text_features"
+    tokenizer_meta: dict[str, Any] = field(default_factory=dict)
+    #: The export's check of the ONNX encoders + tokenizer against PyTorch + open_clip.
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+TOWERS: tuple[str, str] = ("yes", "no")
+
+
+def _open_vocabulary_problems(ov: Any) -> list[str]:
+    if not isinstance(ov, dict):
+        return ["'open_vocabulary' must be an object"]
+    p = []
+    unknown = set(ov) - set(OpenVocabulary.__dataclass_fields__)
+    if unknown:
+        p.append(f"'open_vocabulary' has unknown fields {sorted(unknown)}")
+    for key in ("text_encoders", "bank_inputs"):
+        v = ov.get(key)
+        if not (isinstance(v, dict) and set(v) == set(TOWERS) and all(isinstance(x, str) for x in v.values())):
+            p.append(f"'open_vocabulary.{key}' must map 'yes' and 'no' to names")
+    if not isinstance(ov.get("tokenizer"), str):
+        p.append("'open_vocabulary.tokenizer' must be a file name")
+    for key in ("context_length", "embed_dim"):
+        if not isinstance(ov.get(key), int) or ov[key] <= 0:
+            p.append(f"'open_vocabulary.{key}' must be a positive integer")
+    if ov.get("sequence", "dynamic") not in ("dynamic", "fixed"):
+        p.append("'open_vocabulary.sequence' must be 'dynamic' or 'fixed'")
+    return p
+
+
+@dataclass(frozen=True)
 class Manifest:
     """``clipn.json``. ``model`` holds the identity of the weights (open_clip name and config, pretrained tag or
     weights hash, checkpoint hash and kind, variant); ``versions`` what made the bundle; ``parity`` the export
@@ -113,6 +178,8 @@ class Manifest:
     created: str = ""
     format: str = BUNDLE_FORMAT
     version: int = BUNDLE_VERSION
+    #: Present in open-vocabulary bundles only (an additive field: older readers ignore it).
+    open_vocabulary: OpenVocabulary | None = None
 
     # -- lookups ---------------------------------------------------------------------------------------
     def engines(self) -> list[BundleFile]:
@@ -163,6 +230,7 @@ class Manifest:
             )
             for f in d["files"]
         ]
+        ov = d.get("open_vocabulary")
         return cls(
             model=dict(d["model"]),
             preprocess=Preprocess(**pre),
@@ -176,6 +244,7 @@ class Manifest:
             created=str(d.get("created", "")),
             format=d["format"],
             version=d["version"],
+            open_vocabulary=None if ov is None else OpenVocabulary(**ov),
         )
 
 
@@ -250,6 +319,8 @@ def _schema_problems(d: Any) -> list[str]:
             p.append(f"'files[{i}]' path {f['path']!r} must be relative and inside the bundle")
     if not any(isinstance(f, dict) and f.get("role") == ROLE_IMAGE_ENGINE for f in d["files"]):
         p.append("no file with role 'image_engine'")
+    if d.get("open_vocabulary") is not None:
+        p.extend(_open_vocabulary_problems(d["open_vocabulary"]))
     return p
 
 

@@ -93,7 +93,11 @@ def test_class_map_and_usage_errors(tiny_bundle: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, base)
     assert r.exit_code == 0 and json.loads((out / "metrics.json").read_text())["id_accuracy"] is None
     r = CliRunner().invoke(main, [*base, "--class-map", str(cmap)])
-    assert r.exit_code == 0 and json.loads((out / "metrics.json").read_text())["id_accuracy"] is not None
+    acc = json.loads((out / "metrics.json").read_text())["id_accuracy"]
+    assert r.exit_code == 0 and acc is not None
+    # wnid-style folders in sorted order are the class order, as with ImageNet and --classes imagenet
+    r = CliRunner().invoke(main, [*base, "--class-map", "sorted"])
+    assert r.exit_code == 0 and json.loads((out / "metrics.json").read_text())["id_accuracy"] == acc
 
     r = CliRunner().invoke(main, [*base[:-3], "--ood", "noequals"])
     assert r.exit_code == 2 and "NAME=DIR" in r.output and "Traceback" not in r.output

@@ -1,0 +1,221 @@
+"""The benchmark suite: its pieces (timing stats, budgets, roofline, images, commands) and a smoke run of
+``benchmarks/run.py`` whose every result file must exist and hold numbers that agree with each other."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import harness  # noqa: E402
+import run as suite  # noqa: E402
+
+# ---- pieces --------------------------------------------------------------------------------------------------------
+
+
+def test_stats_median_and_p90() -> None:
+    s = harness.Stats.of([0.010, 0.020, 0.030, 0.040, 0.100])
+    assert s.n == 5
+    assert s.median_ms == pytest.approx(30.0)
+    assert s.p90_ms == pytest.approx(76.0)  # numpy's linear interpolation: 40 + 0.6 × 60
+    assert s.min_ms == pytest.approx(10.0) and s.max_ms == pytest.approx(100.0)
+    assert s.per_s(8) == pytest.approx(8 / 0.030)
+
+
+def test_interleaved_runs_round_robin_within_budget() -> None:
+    calls: list[str] = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in ("a", "b")}
+    stats = harness.interleaved(fns, harness.Budget(warmup=2, min_reps=3, max_reps=5, target_s=1e9))
+    assert calls == ["a", "b"] * 7  # 2 warm-up rounds + max_reps timed rounds, alternating
+    assert stats["a"].n == stats["b"].n == 5
+    calls.clear()
+    stats = harness.interleaved(fns, harness.Budget(warmup=0, min_reps=3, max_reps=5, target_s=0.0))
+    assert stats["a"].n == 3 and len(calls) == 6
+
+
+def test_peak_scales_with_threads_used() -> None:
+    machine = {"cores": 4, "peak_fp32_gflops": 400.0, "peak_assumption": "x"}
+    assert harness.peak_gflops(2, machine)[0] == pytest.approx(200.0)
+    assert harness.peak_gflops(16, machine)[0] == pytest.approx(400.0)  # never more than the cores there are
+
+
+@pytest.mark.slow  # imports open_clip (and torch): a few seconds
+def test_vit_flop_count_matches_the_issue_constant(tiny_config: Path) -> None:
+    """35.1 GFLOP is the issue's figure for ViT-B-16 at 224; the analytic count from the config must agree."""
+    import open_clip
+
+    assert harness.vit_gflop(open_clip.get_model_config("ViT-B-16")) == pytest.approx(
+        harness.VIT_B16_GFLOP, rel=2e-3
+    )
+    # the literature's multiply-add counts, doubled: ViT-B/32 4.4 GMACs, ViT-L/14 81 GMACs
+    assert harness.vit_gflop(open_clip.get_model_config("ViT-B-32")) == pytest.approx(8.8, rel=0.02)
+    assert harness.vit_gflop(open_clip.get_model_config("ViT-L-14")) == pytest.approx(162.0, rel=0.02)
+    tiny = json.loads(tiny_config.read_text())
+    assert harness.vit_gflop(tiny) > 0
+    assert harness.vit_gflop({"vision_cfg": {"layers": [3, 4, 6, 3], "width": 64}}) is None  # a ResNet tower
+
+
+def test_md_table() -> None:
+    assert harness.md_table(["a", "b"], [[1, 2]]) == "| a | b |\n| --- | ---: |\n| 1 | 2 |\n"
+
+
+def test_jpegs_are_deterministic_and_decodable(tmp_path: Path) -> None:
+    import bench_detect
+    from PIL import Image
+
+    few = bench_detect.jpeg_folder(tmp_path / "a", ((64, 48),), 2)
+    more = bench_detect.jpeg_folder(tmp_path / "b", ((64, 48),), 3)
+    assert [p.read_bytes() for p in few] == [p.read_bytes() for p in more[:2]]
+    with Image.open(more[2]) as im:
+        assert im.size == (64, 48) and im.format == "JPEG"
+    links = bench_detect.linked_folder(tmp_path, more, 7)
+    assert len(list(links.glob("*.jpg"))) == 7
+
+
+def test_helper_scripts_write_under_out(tmp_path: Path) -> None:
+    cmd = suite.step_command("textbank", "smoke", tmp_path, 2, None)
+    name = Path(cmd[cmd.index("--name") + 1])
+    assert name.is_absolute() and name.parent == tmp_path.resolve()
+    # what common.write_result does with the name: results / f"{name}.json"
+    assert (harness.RESULTS / f"{name}.json").parent == tmp_path.resolve()
+    assert suite.step_command("engine", "quick", tmp_path, 2, None)[2:] == [
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--threads",
+        "2",
+    ]
+
+
+def test_run_rejects_unknown_benchmark(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--smoke", "--out", str(tmp_path), "--only", "engine,nope"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 2 and "unknown benchmark(s) nope" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+# ---- the smoke suite -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--smoke", "--out", str(out), "--cache-dir", str(out / "cache")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return out
+
+
+def _load(out: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+    md = (out / f"{name}.md").read_text(encoding="utf-8")
+    assert data["machine"]["cores"] >= 1 and data["machine"]["peak_fp32_gflops"] > 0
+    assert data["machine"]["load_avg"] is not None
+    assert data["versions"]["onnxruntime"] and data["versions"]["numpy"]
+    assert data["command"] in md  # the header names the command that made it
+    return data
+
+
+@pytest.mark.slow
+def test_smoke_suite_writes_every_file(smoke: Path) -> None:
+    for bench in suite.BENCHES:
+        _load(smoke, f"{bench}_smoke")
+    summary = _load(smoke, "smoke")
+    assert [s["bench"] for s in summary["steps"]] == list(suite.BENCHES)
+    assert all(s["returncode"] == 0 and s["seconds"] > 0 for s in summary["steps"])
+    md = (smoke / "smoke.md").read_text(encoding="utf-8")
+    for heading in ("**Image engine**", "**Fused head**", "**End to end**", "**Training**", "**Text bank**"):
+        assert heading in md
+    assert "failed" not in md
+    assert (smoke / "engine_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_smoke_engine_numbers_agree(smoke: Path) -> None:
+    r = _load(smoke, "engine_smoke")
+    rows = r["rows"]
+    assert {x["backend"] for x in rows} >= {"pytorch", "ort-fp32", "ort-int8"}
+    for b in {x["batch"] for x in rows}:
+        same = {x["backend"]: x for x in rows if x["batch"] == b}
+        base = same["pytorch"]["median_ms"]
+        for x in same.values():
+            assert 0 < x["median_ms"] <= x["p90_ms"] <= x["max_ms"]
+            assert x["n"] >= 1
+            assert x["images_per_s"] == pytest.approx(b / (x["median_ms"] / 1e3), rel=1e-3)
+            # ratios come from the medians of this run, not from anywhere else
+            assert x["speedup_vs_pytorch"] == pytest.approx(base / x["median_ms"], rel=1e-2)
+            gflop, peak = r["gflop_per_image"]["used"], r["peak_gflops"]
+            assert x["roofline_fraction"] == pytest.approx(x["images_per_s"] * gflop / peak, rel=1e-2, abs=1e-4)
+    # the PyTorch pipeline and the fp32 engine compute the same scores
+    assert r["agreement_vs_pytorch"]["ort-fp32"]["max_abs_atd"] < 1e-4
+    assert r["agreement_vs_pytorch"]["ort-fp32"]["pred_agree"] == 1.0
+    assert r["threads"]["torch"] == r["threads"]["onnxruntime_intra_op"] == 1  # smoke's default
+
+
+@pytest.mark.slow
+def test_smoke_head_numbers_agree(smoke: Path) -> None:
+    r = _load(smoke, "head_smoke")
+    for b in {x["batch"] for x in r["rows"]}:
+        graphs = {x["graph"]: x for x in r["rows"] if x["batch"] == b}
+        assert set(graphs) == {"encoder", "encoder+head C=10", "encoder+head C=1000"}
+        enc = graphs["encoder"]["median_ms"]
+        for x in graphs.values():
+            assert x["median_ms"] > 0
+            assert x["delta_pct"] == pytest.approx(100 * (x["median_ms"] / enc - 1), abs=0.1)
+        for x in (h for h in r["head_alone"] if h["batch"] == b):
+            assert x["median_ms"] > 0
+            assert x["pct_of_encoder"] == pytest.approx(100 * x["median_ms"] / enc, rel=1e-2, abs=1e-3)
+    assert r["head_flop_per_image"]["1000"] == 4 * 1000 * r["embed_dim"]
+
+
+@pytest.mark.slow
+def test_smoke_detect_numbers_agree(smoke: Path) -> None:
+    r = _load(smoke, "detect_smoke")
+    total = r["images"]["total"]
+    assert total > 0
+    for row in r["decode"]["rows"]:
+        assert row["images"] == total and row["images_per_s"] > 0
+        assert row["images_per_s"] == pytest.approx(total / row["seconds"], rel=2e-2)
+    for e in r["end_to_end"]:
+        assert e["images"] == total and e["errors"] == 0
+        assert e["e2e_over_engine"] == pytest.approx(e["e2e_images_per_s"] / e["engine_images_per_s"], rel=2e-2)
+    assert r["cli"]["records"] == total and r["cli"]["errors"] == 0
+    runs = r["rss"]["runs"]
+    assert [x["images"] for x in runs] == [16, 48]
+    for x in runs:
+        assert x["records"] == x["images"] and x["errors"] == 0
+        # the CLI's own peak (VmHWM), not the torch-sized parent's: a torch-free runtime stays far below 600 MB
+        assert 10 < x["peak_rss_mb"] < 600
+    assert r["rss"]["ratio_last_over_first"] == pytest.approx(
+        runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], rel=1e-2
+    )
+
+
+@pytest.mark.slow
+def test_smoke_helpers_numbers_agree(smoke: Path) -> None:
+    t = _load(smoke, "train_cache_smoke")
+    assert t["uncached"]["samples_per_s"] > 0 and t["cached"]["samples_per_s"] > 0
+    assert t["speedup"] == pytest.approx(t["cached"]["samples_per_s"] / t["uncached"]["samples_per_s"], rel=1e-6)
+    b = _load(smoke, "textbank_smoke")
+    assert b["seconds"]["fast"] > 0 and b["seconds"]["naive"] > 0
+    assert b["max_abs_diff"] < 1e-4
+    assert np.isfinite(b["speedup"]) and b["speedup"] > 0
