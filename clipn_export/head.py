@@ -104,10 +104,11 @@ class ScoringHead(nn.Module):
         self, features: Tensor, bank: Tensor | None = None, bank_no: Tensor | None = None
     ) -> tuple[Tensor, ...]:
         """Scores of ``features`` against the stored banks, or against ``bank``/``bank_no`` (C×D, any C) when
-        given — the open-vocabulary engine takes them as graph inputs. Given banks are L2-normalised here, in
-        fp32, as the stored ones were at construction."""
-        w = self.bank if bank is None else _l2_normalize(bank.float())
-        w_no = self.bank_no if bank_no is None else _l2_normalize(bank_no.float())
+        given — the open-vocabulary engine takes them as graph inputs. Given banks are used as they are: their
+        rows must be L2-normalised (the runtime's banks are). Normalising them here would cost every batch
+        C×D work the stored banks never pay (benchmarks/bench_openvocab.py)."""
+        w = self.bank if bank is None else bank.float()
+        w_no = self.bank_no if bank_no is None else bank_no.float()
         f = _l2_normalize(features.float())
         logits = self.scale * (f @ w.T)
         logits_no = self.scale * (f @ w_no.T)

@@ -145,8 +145,8 @@ def export_head(head: ScoringHead, *, bank_inputs: bool = False) -> onnx.ModelPr
     """``feature`` (N×D) → the outputs of :attr:`ScoringHead.output_names`; the banks become initialisers.
 
     ``bank_inputs`` (open-vocabulary bundles): the banks are graph inputs instead, :data:`BANK_INPUTS`
-    (C×D float32, C a dynamic axis ``classes``, normalised inside); :func:`add_bank_defaults` then gives them
-    the baked banks as default values once the engine is assembled.
+    (C×D float32 with L2-normalised rows, C a dynamic axis ``classes``); :func:`add_bank_defaults` then gives
+    them the baked banks as default values once the engine is assembled.
     """
     g = torch.Generator().manual_seed(0)
     example = torch.randn(TRACE_BATCH, head.dim, generator=g)

@@ -283,9 +283,16 @@ class Detector:
         spec = self._bank_builder.spec
         self._extra_feeds = {spec.bank_inputs["yes"]: banks.yes, spec.bank_inputs["no"]: banks.no}
         self.classes, self.banks = names, banks
-        log.info(
-            "%d classes: banks %s", len(names), f"from cache {banks.cache}" if banks.from_cache else "computed"
-        )
+        if banks.from_cache:
+            log.info("%d classes: class banks from the cache %s (no text encoding)", len(names), banks.cache)
+        else:
+            where = f"cached in {banks.cache}" if banks.cache is not None else "not cached"
+            log.info(
+                "%d classes: class banks computed (%d prompts per tower), %s",
+                len(names),
+                banks.encoded["yes"],
+                where,
+            )
 
     def _ensure_bank_inputs(self) -> None:
         """The engine must take the bank inputs; a native TensorRT plan (banks fixed at build time) is replaced

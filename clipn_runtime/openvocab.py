@@ -322,7 +322,7 @@ class BankBuilder:
         if self.cache:
             hit = self._read(key, classes)
             if hit is not None:
-                log.info("class banks: cache hit %s", hit[2])
+                log.debug("class banks: cache hit %s", hit[2])
                 return ClassBanks(hit[0], hit[1], tuple(classes), ps, key, hit[2], {t: 0 for t in TOWERS})
         plan = plan_prompts(classes, ps, self.variant)
         emb: dict[str, FloatArray] = {}
@@ -341,7 +341,7 @@ class BankBuilder:
         yes, no = (ensemble(emb[t], plan.index[t]) for t in TOWERS)
         path = self._write(key, yes, no, classes) if self.cache else None
         if path is not None:
-            log.info("class banks: cached %s", path)
+            log.debug("class banks: cached %s", path)
         return ClassBanks(yes, no, tuple(classes), ps, key, path, {t: len(plan.used[t]) for t in TOWERS})
 
     def close(self) -> None:

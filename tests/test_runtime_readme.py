@@ -15,15 +15,14 @@ MARKER = "<!-- runtime-api-example -->"
 
 
 def api_example() -> tuple[str, Path]:
-    """The first ```python block after the marker: in README.md once the section is pasted there, else in
-    docs/readme/runtime.md (where the section is written)."""
-    for doc in (ROOT / "README.md", ROOT / "docs" / "readme" / "runtime.md"):
+    """The first ```python block after the marker in README.md."""
+    for doc in (ROOT / "README.md",):
         text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
         if MARKER in text:
             m = re.search(r"```python\n(.*?)```", text.split(MARKER, 1)[1], re.DOTALL)
             assert m, f"{doc}: no ```python block after {MARKER}"
             return m.group(1), doc
-    raise AssertionError(f"no {MARKER} in README.md or docs/readme/runtime.md")
+    raise AssertionError(f"no {MARKER} in README.md")
 
 
 def test_readme_python_api_example_runs(

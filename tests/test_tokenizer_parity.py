@@ -144,13 +144,16 @@ def assigned_code_points(every: int = 1) -> list[str]:
     return [f"a{c}b '{c}x 1{c}" for c in cps]
 
 
-def corpus(classes_every: int) -> list[str]:
+def corpus() -> list[str]:
+    """> 10,000 strings: every official template (yes and no) × 10 ImageNet names and half the hard names, every
+    hard name alone and in 4 templates, 1000 random strings, and every 100th assigned code point."""
     ps = load_prompts("clipn")
     assert ps.no is not None
     templates = sorted(set(ps.yes) | set(ps.no))
-    names = load_classes("imagenet")[::classes_every] + HARD_NAMES
+    names = load_classes("imagenet")[::100] + HARD_NAMES[::2]
     texts = [t.replace("{}", n, 1) for t in templates for n in names]
-    return texts + HARD_NAMES + random_strings(2000) + assigned_code_points(every=50)
+    texts += [t.replace("{}", n, 1) for t in ps.yes[:4] for n in HARD_NAMES]
+    return texts + HARD_NAMES + random_strings(1000) + assigned_code_points(every=100)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +170,7 @@ def runtime_tokenizer(simple: object, tmp_path_factory: pytest.TempPathFactory) 
 def test_parity_on_prompts_unicode_entities_long_and_empty(
     simple: object, runtime_tokenizer: ClipTokenizer
 ) -> None:
-    texts = corpus(classes_every=40)  # 25 ImageNet names + the hard ones, × 250 distinct templates, + 3000 random
+    texts = corpus()
     assert len(texts) > 10_000
     parity = tokenizer_parity(runtime_tokenizer, simple, texts)
     assert parity.compared == len(texts)

@@ -1,0 +1,76 @@
+"""clipn-demo: the CLI's contract (fast) and the accuracy guard on the quick chain (slow, still run in CI).
+
+The guard's thresholds come from margins measured over several seeds of ``clipn-demo --quick`` (the per-seed
+table is in README.md (clipn-demo section)); each sits well inside the worst seed measured, so it catches a chain that
+stopped learning, not seed noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from clipn_eval.demo import QUICK, main, make_split, run_demo
+
+# Guard thresholds (see README.md (clipn-demo section), "accuracy guard", for the measured margins behind them).
+MIN_ATD_AUROC = 0.9  # measured min 0.989
+MIN_ATD_OVER_CONTROL = 0.2  # measured min margin 0.458
+MAX_ATD_BELOW_MCM = 0.05  # measured: ATD ≥ MCM + 0.008 on every seed and split
+MIN_ID_ACCURACY = 0.9  # measured min 0.980
+MAX_INT8_DELTA = 0.02  # measured max |Δ AUROC| int8 vs fp32: 0.001
+MAX_CONTROL_SPREAD = 1e-5  # measured ≤ 1.5e-7 (float32 rounding)
+CONTROL_AUROC_TOLERANCE = 0.15  # measured max |AUROC − 0.5| 0.084: ranking of rounding noise
+
+
+def test_help_teaches() -> None:
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    assert "Examples" in r.output and "clipn-demo --quick" in r.output and "Exit codes" in r.output
+
+
+@pytest.mark.parametrize("args", [["--threads", "0"], ["--seed", "-1"], ["--bogus"], ["--seed", "x"]])
+def test_bad_options_exit_2(args: list[str]) -> None:
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_foreign_output_folder_is_refused_and_kept(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me", encoding="utf-8")
+    r = CliRunner().invoke(main, ["--quick", "-o", str(tmp_path), "--no-progress"])
+    assert r.exit_code == 2
+    assert "not made by clipn-demo" in r.output
+    assert "Traceback" not in r.output
+    assert (tmp_path / "precious.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_splits_partition_the_world() -> None:
+    for name in ("shape", "combo", "colour", "colour-hard"):
+        sp = make_split(name)
+        assert len(sp.id_concepts) + len(sp.ood_concepts) == 64
+        assert not set(sp.id_concepts) & set(sp.ood_concepts)
+        assert set(sp.id_concepts.values()) == set(sp.classes)
+
+
+@pytest.mark.slow
+def test_quick_demo_accuracy_guard(tmp_path: Path) -> None:
+    # threads=1: on a shared, loaded runner two OpenMP threads spin-wait and run ~5× slower (measured).
+    res = run_demo(tmp_path / "demo", QUICK, seed=0, threads=1, progress=False)
+    summary = (tmp_path / "demo" / "report" / "summary.md").read_text(encoding="utf-8")
+    assert "CLIPN-ATD" in summary or "ATD" in summary
+    assert res.eval_errors == 0
+    for split in QUICK.splits:
+        atd = res.auroc(split, "clipn", "atd")
+        control = res.auroc(split, "control", "atd")
+        # The step-0 no tower equals the yes tower: p_no = 0.5 for every class, so ATD is constant up to float
+        # rounding (the two towers' banks differ in the last bits), and its AUROC is 0.5 ± ranking noise.
+        assert res.control_atd_spread[split] < MAX_CONTROL_SPREAD, res.control_atd_spread
+        assert abs(control - 0.5) < CONTROL_AUROC_TOLERANCE, (split, control)
+        assert atd >= MIN_ATD_AUROC, (split, res.rows)
+        assert atd >= control + MIN_ATD_OVER_CONTROL, (split, atd, control)
+        assert atd >= res.auroc(split, "clipn", "mcm") - MAX_ATD_BELOW_MCM, (split, res.rows)
+        assert res.id_accuracy[split] >= MIN_ID_ACCURACY, (split, res.id_accuracy)
+        # the int8 bundle ranks like the fp32 one
+        assert abs(res.auroc(split, "clipn-int8", "atd") - atd) < MAX_INT8_DELTA, (split, res.rows)
