@@ -44,9 +44,9 @@ BENCH_TEMPLATE = "a photo of a {}."
 
 def default_cache_dir() -> Path:
     """``$CLIPN_CACHE/bench`` or ``~/.cache/clipn-ood/bench``: generated images and exported bundles."""
-    from clipn_runtime.engine import default_cache_dir as runtime_cache
+    from clipn_runtime.cache import cache_root
 
-    return runtime_cache() / "bench"
+    return cache_root() / "bench"
 
 
 def model_label(model: str) -> str:

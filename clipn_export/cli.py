@@ -180,7 +180,7 @@ def _setup_logging(quiet: bool) -> None:
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
-    help="Text-bank cache. Default: $CLIPN_OOD_CACHE or ~/.cache/clipn-ood, then text-banks/.",
+    help="Text-bank cache. Default: $CLIPN_CACHE (else $XDG_CACHE_HOME/clipn-ood or ~/.cache/clipn-ood), then text-banks/.",
 )
 @click.option("--no-cache", is_flag=True, help="Do not read or write the text-bank cache.")
 @click.option(

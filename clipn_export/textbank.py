@@ -97,11 +97,10 @@ def _atomic_savez(path: Path, **arrays: npt.ArrayLike) -> None:
 
 
 def default_cache_dir() -> Path:
-    """``$CLIPN_OOD_CACHE`` or ``$XDG_CACHE_HOME/clipn-ood`` (``~/.cache/clipn-ood``), then ``text-banks``."""
-    base = os.environ.get("CLIPN_OOD_CACHE") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipn-ood"
-    )
-    return Path(base) / "text-banks"
+    """The user cache (:func:`clipn_runtime.cache.cache_root`), then ``text-banks``."""
+    from clipn_runtime.cache import cache_root
+
+    return cache_root() / "text-banks"
 
 
 def _templates(prompts: PromptSet, variant: str) -> dict[str, tuple[str, ...]]:

@@ -8,9 +8,10 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 from tqdm import tqdm
@@ -77,6 +78,32 @@ def _setup_logging(verbose: int, quiet: bool) -> Callable[[], None]:
         log.propagate = saved[2]
 
     return restore
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Everything one ``clipn-detect`` invocation was asked for (the click options, by name)."""
+
+    inputs: tuple[str, ...]
+    bundle: str | None
+    classes: str | None
+    prompts: str | None
+    method: str
+    fmt: str | None
+    output: str | None
+    resume: bool
+    overwrite: bool
+    recursive: bool
+    batch_size: int
+    device: str
+    precision: str | None
+    threads: int | None
+    workers: int | None
+    every: int
+    smoothing: float | None
+    max_pixels: int | None
+    quiet: bool
+    verbose: int
 
 
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -159,34 +186,11 @@ def _setup_logging(verbose: int, quiet: bool) -> Callable[[], None]:
 )
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr (and the summary).")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
-def main(
-    inputs: tuple[str, ...],
-    bundle: str | None,
-    classes: str | None,
-    prompts: str | None,
-    method: str,
-    fmt: str | None,
-    output: str | None,
-    resume: bool,
-    overwrite: bool,
-    recursive: bool,
-    batch_size: int,
-    device: str,
-    precision: str | None,
-    threads: int | None,
-    workers: int | None,
-    every: int,
-    smoothing: float | None,
-    max_pixels: int | None,
-    quiet: bool,
-    verbose: int,
-) -> None:
-    restore_logging = _setup_logging(verbose, quiet)
+def main(**options: Any) -> None:
+    o = DetectOptions(**options)
+    restore_logging = _setup_logging(o.verbose, o.quiet)
     try:
-        code = _run(
-            inputs, bundle, classes, method, fmt, output, resume, overwrite, recursive, batch_size, device,
-            precision, threads, workers, every, smoothing, max_pixels, quiet, prompts,
-        )  # fmt: skip
+        code = _run(o)
     except UserError as e:
         click.echo(f"clipn-detect: error: {e}", err=True)
         code = EXIT_USAGE
@@ -202,27 +206,7 @@ def main(
     sys.exit(code)
 
 
-def _run(
-    inputs: Sequence[str],
-    bundle: str | None,
-    classes: str | None,
-    method: str,
-    fmt: str | None,
-    output: str | None,
-    resume: bool,
-    overwrite: bool,
-    recursive: bool,
-    batch_size: int,
-    device: str,
-    precision: str | None,
-    threads: int | None,
-    workers: int | None,
-    every: int,
-    smoothing: float | None,
-    max_pixels: int | None,
-    quiet: bool,
-    prompts: str | None = None,
-) -> int:
+def _run(o: DetectOptions) -> int:
     # Imported here so that `clipn-detect --help` stays instant.
     from PIL import Image
 
@@ -236,66 +220,66 @@ def _run(
     from clipn_runtime.video import VideoError
     from clipn_runtime.vocab import check_classes
 
-    if not bundle:
+    if not o.bundle:
         raise UserError("no bundle: pass --engine DIR (a directory written by clipn-export) or set CLIPN_ENGINE")
-    fmt = choose_format(fmt, output, sys.stdout.isatty())
-    if resume and not output:
+    fmt = choose_format(o.fmt, o.output, sys.stdout.isatty())
+    if o.resume and not o.output:
         raise UserError("--resume continues an earlier -o FILE; pass the same -o FILE as that run")
-    if resume and overwrite:
+    if o.resume and o.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    if output and not resume and not overwrite and is_nonempty_file(output):
+    if o.output and not o.resume and not o.overwrite and is_nonempty_file(o.output):
         raise UserError(
-            f"{output} already has results; add --resume to continue that run or --overwrite to replace it"
+            f"{o.output} already has results; add --resume to continue that run or --overwrite to replace it"
         )
-    check_list_files(inputs)
+    check_list_files(o.inputs)
     # This run records decompression bombs as error records; PIL's warning about them would only be noise, and
     # PIL's own hard limit must not undercut a higher --max-pixels.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    if max_pixels is not None and max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    if o.max_pixels is not None and o.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = o.max_pixels
 
-    manifest = load_manifest(bundle)
+    manifest = load_manifest(o.bundle)
     # Every class-list problem is reported before the engine loads: a bad file, or a list this bundle cannot
     # take (the message holds the clipn-export commands that fix it).
-    names = load_classes(classes) if classes is not None else list(manifest.classes)
-    if classes is not None:
-        check_classes(manifest, names, bundle_dir=bundle, classes_file=classes)
-    prompt_set = load_prompts(prompts) if prompts is not None else None
+    names = load_classes(o.classes) if o.classes is not None else list(manifest.classes)
+    if o.classes is not None:
+        check_classes(manifest, names, bundle_dir=o.bundle, classes_file=o.classes)
+    prompt_set = load_prompts(o.prompts) if o.prompts is not None else None
     if prompt_set is not None:
-        open_vocabulary_spec(manifest, bundle)
-    done = read_done(output, fmt) if resume and output else Done()
-    if resume and len(done):
-        log.info("resuming %s: %d records already there", output, len(done))
+        open_vocabulary_spec(manifest, o.bundle)
+    done = read_done(o.output, fmt) if o.resume and o.output else Done()
+    if o.resume and len(done):
+        log.info("resuming %s: %d records already there", o.output, len(done))
     detector = Detector(
-        bundle,
-        device=device,
-        method=method,
-        batch_size=batch_size,
-        threads=threads,
-        precision=precision,
-        decode_workers=workers,
-        max_pixels=max_pixels,
+        o.bundle,
+        device=o.device,
+        method=o.method,
+        batch_size=o.batch_size,
+        threads=o.threads,
+        precision=o.precision,
+        decode_workers=o.workers,
+        max_pixels=o.max_pixels,
         verify_hashes=False,  # load_manifest above just checked them
     )
     try:
-        detector.set_classes(names, prompt_set, source=classes or "classes", progress=not quiet)
+        detector.set_classes(names, prompt_set, source=o.classes or "classes", progress=not o.quiet)
     except BaseException:
         detector.close()
         raise
     fh: IO[str]
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        fh = open(output, "a" if resume else "w", encoding="utf-8", newline="")  # noqa: SIM115 (_finish closes it)
+    if o.output:
+        Path(o.output).parent.mkdir(parents=True, exist_ok=True)
+        fh = open(o.output, "a" if o.resume else "w", encoding="utf-8", newline="")  # noqa: SIM115 (_finish closes it)
     else:
         fh = sys.stdout
-    writer = make_writer(fmt, fh, csv_header=not (resume and is_nonempty_file(output or "")))
+    writer = make_writer(fmt, fh, csv_header=not (o.resume and is_nonempty_file(o.output or "")))
     tally = Tally()
     bar = tqdm(
         unit="img",
         file=sys.stderr,
         dynamic_ncols=True,
         # records on a terminal already show progress; a bar would interleave with them
-        disable=True if quiet or (not output and sys.stdout.isatty()) else None,
+        disable=True if o.quiet or (not o.output and sys.stdout.isatty()) else None,
     )
     t0 = time.perf_counter()
 
@@ -313,7 +297,9 @@ def _run(
         return True
 
     try:
-        for kind, group in itertools.groupby(expand_inputs(inputs, recursive=recursive), key=lambda it: it.kind):
+        for kind, group in itertools.groupby(
+            expand_inputs(o.inputs, recursive=o.recursive), key=lambda it: it.kind
+        ):
             if kind == "image":
                 for batch in detector.iter_batches(it.path for it in group if not_done(it.path)):
                     emit(batch)
@@ -323,17 +309,20 @@ def _run(
                     continue
                 try:
                     for batch in detector.iter_video_batches(
-                        item.path, every=every, smoothing=smoothing, skip_frames=done.frames.get(item.path, set())
+                        item.path,
+                        every=o.every,
+                        smoothing=o.smoothing,
+                        skip_frames=done.frames.get(item.path, set()),
                     ):
                         emit(batch)
                 except VideoError as e:
-                    emit([Detection.failed(item.path, method, str(e))])
+                    emit([Detection.failed(item.path, o.method, str(e))])
     except KeyboardInterrupt:
-        _finish(bar, fh, output, tally, t0, detector.engine.describe())
-        where = f"; rerun with --resume -o {output} to continue" if output else ""
+        _finish(bar, fh, o.output, tally, t0, detector.engine.describe())
+        where = f"; rerun with --resume -o {o.output} to continue" if o.output else ""
         click.echo(f"clipn-detect: interrupted — every finished result is written{where}", err=True)
         return EXIT_INTERRUPTED
-    _finish(bar, fh, output, tally, t0, detector.engine.describe())
+    _finish(bar, fh, o.output, tally, t0, detector.engine.describe())
     detector.close()
     if tally.scored + tally.errors + tally.skipped == 0:
         log.warning("no inputs found")

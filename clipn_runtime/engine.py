@@ -17,7 +17,6 @@ the manifest records both and :func:`plan_problems` refuses a mismatch before Te
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from clipn_runtime.cache import cache_root
 from clipn_runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,6 @@ def plan_providers(device: str, available: Sequence[str]) -> ProviderPlan:
     return ProviderPlan(providers, notes)
 
 
-def default_cache_dir() -> Path:
-    """Where TensorRT's engine cache goes (``$CLIPN_CACHE``, else ``~/.cache/clipn-ood``)."""
-    root = os.environ.get("CLIPN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clipn-ood")
-    return Path(root)
-
-
 class OrtEngine:
     """An onnxruntime session over one ONNX file, with providers chosen by :func:`plan_providers`."""
 
@@ -140,7 +134,7 @@ class OrtEngine:
         options: list[dict[str, Any]] = []
         for ep in plan.providers:
             if ep == TRT_EP:
-                cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tensorrt"
+                cache = Path(cache_dir) if cache_dir is not None else cache_root() / "tensorrt"
                 options.append(
                     {
                         "trt_engine_cache_enable": True,

@@ -13,7 +13,7 @@ sorted by token count and each batch is cut to its longest prompt (exact: causal
 
 Banks are cached as ``<bundle>/banks/<key>.npz`` — the key hashes the text encoders' and tokenizer's sha256,
 the cleaning libraries' versions, the variant, the templates and the classes — or, when the bundle directory is
-read-only, under the user cache (``$CLIPN_CACHE`` or ``~/.cache/clipn-ood``, then ``banks/``). Writes are
+read-only, under the user cache (:func:`clipn_runtime.cache.cache_root`, then ``banks/``). Writes are
 atomic (temp file + rename), so a crash never leaves a half-written cache entry.
 """
 
@@ -35,6 +35,7 @@ import numpy.typing as npt
 from tqdm.auto import tqdm
 
 from clipn_runtime.bundle import TOWERS, BundleError, Manifest, OpenVocabulary
+from clipn_runtime.cache import cache_root
 from clipn_runtime.errors import UserError
 from clipn_runtime.prompts import PromptSet
 from clipn_runtime.scoring import l2_normalize
@@ -148,9 +149,7 @@ def bundle_prompts(manifest: Manifest) -> PromptSet:
 
 def user_cache_dir() -> Path:
     """Where banks go when the bundle directory is read-only: ``<runtime cache>/banks``."""
-    from clipn_runtime.engine import default_cache_dir
-
-    return default_cache_dir() / BANKS_DIR
+    return cache_root() / BANKS_DIR
 
 
 class BankBuilder:

@@ -20,11 +20,14 @@ reads it like real image-text data; evaluation data goes to ImageFolder-style di
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import io
 import json
 import logging
 import math
+import multiprocessing
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,12 +380,13 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _progress(it: Iterator[Any] | range, total: int, desc: str, enabled: bool) -> Any:
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar, or None when disabled."""
     if not enabled:
-        return it
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(it, total=total, desc=desc, unit="img")
+    return tqdm(total=total, desc=desc, unit="img")
 
 
 @dataclass(frozen=True)
@@ -404,6 +408,25 @@ class ShardSet:
         return str(first.parent / f"{stem}{{{0:0{digits}d}..{len(self.paths) - 1:0{digits}d}}}.tar")
 
 
+def _shard_records(world: ToyWorld, seed: int, start: int, stop: int) -> list[dict[str, Any]]:
+    """Encoded webdataset records for training images ``start..stop-1`` (runs in worker processes too)."""
+    concepts = world.concepts()
+    records = []
+    for i in range(start, stop):
+        sample = world.sample(seed, STREAM_SHARDS, i, concepts[i % len(concepts)])
+        meta = {**sample.labels.to_dict(), "captions": list(sample.captions)}
+        records.append(
+            {
+                "__key__": f"{i:08d}",
+                "png": encode_png(sample.image),
+                "txt": sample.captions[0],
+                "json": json.dumps(meta, sort_keys=True),
+                "cls": str(sample.labels.concept_index),
+            }
+        )
+    return records
+
+
 def write_shards(
     out_dir: str | Path,
     count: int,
@@ -412,6 +435,7 @@ def write_shards(
     shard_size: int = 5000,
     prefix: str = "toy",
     progress: bool = False,
+    workers: int = 1,
 ) -> ShardSet:
     """Write ``count`` training images as webdataset shards ``out_dir/{prefix}-NNNNN.tar``.
 
@@ -420,35 +444,50 @@ def write_shards(
     ``json`` (labels plus ``captions``, all of them) and ``cls`` (the concept index in the full 8 × 8 world).
     Existing shards with the same names are overwritten; ``{prefix}.json`` beside them records the recipe and
     ``sizes.json`` the sample count per shard (open_clip's convention).
+
+    ``workers`` > 1 renders in that many spawned processes (so a calling script needs the usual
+    ``if __name__ == "__main__":`` guard); the bytes written are the same for any ``workers``.
     """
     import webdataset as wds
 
     if count < 1:
         raise ValueError("count must be at least 1")
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     world = world or ToyWorld()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    concepts = world.concepts()
+    chunk = 250
+    bounds = [(start, min(start + chunk, count)) for start in range(0, count, chunk)]
     written: list[Path] = []
-    with wds.ShardWriter(
-        str(out / f"{prefix}-%05d.tar"),
-        maxcount=shard_size,
-        verbose=0,
-        mtime=_TAR_MTIME,
-        post=lambda name: written.append(Path(name)),
-    ) as sink:
-        for i in _progress(range(count), count, "toy world", progress):
-            sample = world.sample(seed, STREAM_SHARDS, i, concepts[i % len(concepts)])
-            meta = {**sample.labels.to_dict(), "captions": list(sample.captions)}
-            sink.write(
-                {
-                    "__key__": f"{i:08d}",
-                    "png": encode_png(sample.image),
-                    "txt": sample.captions[0],
-                    "json": json.dumps(meta, sort_keys=True),
-                    "cls": str(sample.labels.concept_index),
-                }
+    bar = _bar(count, "toy world", progress)
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(
+            wds.ShardWriter(
+                str(out / f"{prefix}-%05d.tar"),
+                maxcount=shard_size,
+                verbose=0,
+                mtime=_TAR_MTIME,
+                post=lambda name: written.append(Path(name)),
             )
+        )
+        if workers == 1:
+            batches: Iterator[list[dict[str, Any]]] = (_shard_records(world, seed, a, b) for a, b in bounds)
+        else:
+            # spawn, not fork: the parent may hold torch/OpenMP state that does not survive a fork.
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            )
+            batches = pool.map(
+                _shard_records, *zip(*((world, seed, a, b) for a, b in bounds), strict=True)
+            )  # ordered results, so the shards do not depend on scheduling
+        for records in batches:
+            for record in records:
+                sink.write(record)
+            if bar is not None:
+                bar.update(len(records))
+    if bar is not None:
+        bar.close()
     recipe = {"seed": seed, "count": count, "shards": [p.name for p in written], "world": asdict(world)}
     (out / f"{prefix}.json").write_text(json.dumps(recipe, indent=1) + "\n", encoding="utf-8")
     # open_clip's convention for the sample count of a shard set (readers use it for epoch sizes).
@@ -509,16 +548,18 @@ def write_image_folder(
     root_path = Path(root)
     root_path.mkdir(parents=True, exist_ok=True)
     total = len(chosen) * n_per_class
-    samples = iter_split(seed, n_per_class, chosen, world)
     lines = []
-    bar = _progress(range(total), total, f"split {root_path.name}", progress)
-    for k in bar:
-        sample = next(samples)
+    bar = _bar(total, f"split {root_path.name}", progress)
+    for k, sample in enumerate(iter_split(seed, n_per_class, chosen, world)):
         concept = chosen[k // n_per_class]
         folder = root_path / concept.name
         folder.mkdir(exist_ok=True)
         rel = f"{concept.name}/{k % n_per_class:05d}.png"
         (root_path / rel).write_bytes(encode_png(sample.image))
         lines.append(json.dumps({"path": rel, **sample.labels.to_dict()}, sort_keys=True))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     (root_path / "labels.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return ImageFolderSplit(root=root_path, class_names=tuple(c.name for c in chosen), count=total)

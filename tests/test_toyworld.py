@@ -30,6 +30,14 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "a" / "sizes.json").read_text()) == {"toy-00000.tar": 40, "toy-00001.tar": 30}
 
 
+def test_worker_processes_write_the_same_bytes(tmp_path: Path) -> None:
+    one = tw.write_shards(tmp_path / "one", 300, seed=1, shard_size=200)
+    two = tw.write_shards(tmp_path / "two", 300, seed=1, shard_size=200, workers=2, progress=True)
+    assert _shard_bytes(one.paths) == _shard_bytes(two.paths)
+    with pytest.raises(ValueError, match="workers"):
+        tw.write_shards(tmp_path / "bad", 10, workers=0)
+
+
 def test_image_depends_only_on_seed_and_index() -> None:
     world = tw.ToyWorld()
     concept = tw.Concept("star", "green")

@@ -52,44 +52,11 @@ def test_help_is_fast_and_does_not_import_torch() -> None:
 
 
 def test_user_errors_exit_2_with_one_clear_line(files: dict[str, str], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    assert (
-        _run(
-            [
-                "--train-data",
-                str(tmp_path / "missing.csv"),
-                "--model",
-                files["model"],
-                "--pretrained",
-                "none",
-                "--workers",
-                "0",
-                "-o",
-                str(tmp_path),
-            ]
-        )
-        == 2
-    )
+    common = ["--model", files["model"], "--pretrained", "none", "--workers", "0", "-o", str(tmp_path)]
+    assert _run(["--train-data", str(tmp_path / "missing.csv"), *common]) == 2
     err = capsys.readouterr().err
     assert "missing.csv" in err and "Traceback" not in err
-    assert (
-        _run(
-            [
-                "--train-data",
-                files["csv"],
-                "--model",
-                files["model"],
-                "--pretrained",
-                "none",
-                "--workers",
-                "0",
-                "-o",
-                str(tmp_path),
-                "--csv-caption-key",
-                "caption",
-            ]
-        )
-        == 2
-    )
+    assert _run(["--train-data", files["csv"], *common, "--csv-caption-key", "caption"]) == 2
     assert "pairs.tsv:1: no column 'caption'" in capsys.readouterr().err
     assert _run(["--train-data", files["csv"], "--precision", "fp8"]) == 2
     assert "fp8" in capsys.readouterr().err
