@@ -43,7 +43,7 @@ BENCH_TEMPLATE = "a photo of a {}."
 
 
 def default_cache_dir() -> Path:
-    """``$CLIPN_CACHE/bench`` or ``~/.cache/clipn-ood/bench``: generated images and exported bundles."""
+    """``bench/`` in the user cache (:func:`clipn_runtime.cache.cache_root`): generated images and bundles."""
     from clipn_runtime.cache import cache_root
 
     return cache_root() / "bench"
@@ -64,7 +64,7 @@ def add_common_args(ap: Any) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help="generated images and exported bundles (default: $CLIPN_CACHE/bench or ~/.cache/clipn-ood/bench)",
+        help="generated images and exported bundles (default: bench/ in $CLIPN_CACHE, else ~/.cache/clipn-ood)",
     )
     ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads (default: 2)")
     ap.add_argument("--name", default=None, help="result file stem (default: <bench>_<mode>)")

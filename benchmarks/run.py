@@ -202,7 +202,7 @@ def main() -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help="generated images and bundles (default: $CLIPN_CACHE/bench or ~/.cache/clipn-ood/bench)",
+        help="generated images and bundles (default: bench/ in $CLIPN_CACHE, else ~/.cache/clipn-ood)",
     )
     ap.add_argument(
         "--threads", type=int, default=None, help="torch and onnxruntime threads (default: 2; --smoke: 1)"

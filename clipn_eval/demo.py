@@ -525,7 +525,7 @@ Stages (each logs its time; reruns with the same settings skip what is done):
 
 \b
 Examples:
-  clipn-demo                      # full run into demo/ (6.6 min measured on 2 quiet cores)
+  clipn-demo                      # full run into demo/ (6 min 39 s measured on 2 quiet cores)
   clipn-demo --quick              # fewer images and steps, colour splits only (47 s measured)
   clipn-demo --seed 1 -o demo-s1 --threads 4
 
@@ -547,7 +547,13 @@ Exit codes: 0 done; 1 done but some eval images could not be scored; 2 bad usage
     show_default=True,
     help="Folder for everything the demo makes.",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch / ORT threads.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="torch / onnxruntime threads, and processes drawing the toy world.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def main(quick: bool, seed: int, output: Path, threads: int, progress: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -51,8 +51,8 @@ images/s) goes to stderr.
 \b
 Open-vocabulary bundles (clipn-export --open-vocabulary) take any --classes
 list: the new class banks are computed once with the bundle's ONNX text
-encoders (no torch) and cached in DIR/banks/ (or ~/.cache/clipn-ood/banks/
-when DIR is read-only); --prompts changes the templates they use.
+encoders (no torch) and cached in DIR/banks/ (or banks/ in the user cache,
+$CLIPN_CACHE or ~/.cache/clipn-ood, when DIR is read-only); --prompts changes the templates they use.
 
 \b
 Exit codes: 0 every input scored; 1 some inputs failed (see their `error`);

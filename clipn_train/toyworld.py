@@ -381,12 +381,10 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar, or None when disabled."""
-    if not enabled:
-        return None
+    """A tqdm bar (a context manager); a disabled one ignores updates."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img")
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled)
 
 
 @dataclass(frozen=True)
@@ -460,8 +458,9 @@ def write_shards(
     chunk = 250
     bounds = [(start, min(start + chunk, count)) for start in range(0, count, chunk)]
     written: list[Path] = []
-    bar = _bar(count, "toy world", progress)
+    workers = min(workers, len(bounds))
     with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(_bar(count, "toy world", progress))
         sink = stack.enter_context(
             wds.ShardWriter(
                 str(out / f"{prefix}-%05d.tar"),
@@ -475,19 +474,16 @@ def write_shards(
             batches: Iterator[list[dict[str, Any]]] = (_shard_records(world, seed, a, b) for a, b in bounds)
         else:
             # spawn, not fork: the parent may hold torch/OpenMP state that does not survive a fork.
-            pool = stack.enter_context(
-                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            )
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            # On an error or Ctrl-C, drop the chunks not started yet rather than render them all first.
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
             batches = pool.map(
                 _shard_records, *zip(*((world, seed, a, b) for a, b in bounds), strict=True)
             )  # ordered results, so the shards do not depend on scheduling
         for records in batches:
             for record in records:
                 sink.write(record)
-            if bar is not None:
-                bar.update(len(records))
-    if bar is not None:
-        bar.close()
+            bar.update(len(records))
     recipe = {"seed": seed, "count": count, "shards": [p.name for p in written], "world": asdict(world)}
     (out / f"{prefix}.json").write_text(json.dumps(recipe, indent=1) + "\n", encoding="utf-8")
     # open_clip's convention for the sample count of a shard set (readers use it for epoch sizes).
@@ -549,17 +545,14 @@ def write_image_folder(
     root_path.mkdir(parents=True, exist_ok=True)
     total = len(chosen) * n_per_class
     lines = []
-    bar = _bar(total, f"split {root_path.name}", progress)
-    for k, sample in enumerate(iter_split(seed, n_per_class, chosen, world)):
-        concept = chosen[k // n_per_class]
-        folder = root_path / concept.name
-        folder.mkdir(exist_ok=True)
-        rel = f"{concept.name}/{k % n_per_class:05d}.png"
-        (root_path / rel).write_bytes(encode_png(sample.image))
-        lines.append(json.dumps({"path": rel, **sample.labels.to_dict()}, sort_keys=True))
-        if bar is not None:
+    with _bar(total, f"split {root_path.name}", progress) as bar:
+        for k, sample in enumerate(iter_split(seed, n_per_class, chosen, world)):
+            concept = chosen[k // n_per_class]
+            folder = root_path / concept.name
+            folder.mkdir(exist_ok=True)
+            rel = f"{concept.name}/{k % n_per_class:05d}.png"
+            (root_path / rel).write_bytes(encode_png(sample.image))
+            lines.append(json.dumps({"path": rel, **sample.labels.to_dict()}, sort_keys=True))
             bar.update(1)
-    if bar is not None:
-        bar.close()
     (root_path / "labels.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return ImageFolderSplit(root=root_path, class_names=tuple(c.name for c in chosen), count=total)

@@ -253,10 +253,18 @@ def test_resume_csv_with_a_cut_quoted_record(synthetic_bundle: Any, tmp_path: Pa
     assert sorted(row["path"] for row in rows) == sorted([*(str(p) for p in paths[:3]), str(d / "z,\nlast.png")])
 
 
+# A shell without job control starts background commands with SIGINT ignored, and Python keeps an inherited
+# SIG_IGN; the child gets Python's own handler back so that SIGINT acts like Ctrl-C in a terminal whatever
+# launched the test run.
+_TERMINAL_SIGINT = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def _cli(*args: str, blocked: bool = False, **kw: Any) -> subprocess.Popen[str]:
     code = (
-        BLOCK_TORCH if blocked else ""
-    ) + "import sys\nfrom clipn_runtime.cli import main\nmain(prog_name='clipn-detect')\n"
+        _TERMINAL_SIGINT
+        + (BLOCK_TORCH if blocked else "")
+        + "import sys\nfrom clipn_runtime.cli import main\nmain(prog_name='clipn-detect')\n"
+    )
     return subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
     )
