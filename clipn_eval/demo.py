@@ -38,6 +38,7 @@ STAMP = "stage.json"
 EXIT_OK = 0
 EXIT_EVAL_ERRORS = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 # Templates the toy captions use (clipn_train.toyworld): concept prompts, shape-only, colour-only.
 CONCEPT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}.")
@@ -367,7 +368,9 @@ def _train_clipn(cache: Path, logs: Path, model_cfg: str, weights: str, s: DemoS
         log_every_n_steps=50,
     )
     res = Trainer(cfg).run()
-    if res.last_checkpoint is None or res.interrupted:
+    if res.interrupted:  # the trainer turns Ctrl-C / SIGTERM into a clean stop; the demo stops with it
+        raise KeyboardInterrupt
+    if res.last_checkpoint is None:
         raise RuntimeError("CLIPN training stopped without a checkpoint")
 
 
@@ -530,7 +533,8 @@ Examples:
   clipn-demo --seed 1 -o demo-s1 --threads 4
 
 \b
-Exit codes: 0 done; 1 done but some eval images could not be scored; 2 bad usage.
+Exit codes: 0 done; 1 done but some eval images could not be scored; 2 bad usage;
+130 interrupted (Ctrl-C): rerun the same command and the finished stages are skipped.
 """
 
 
@@ -565,6 +569,11 @@ def main(quick: bool, seed: int, output: Path, threads: int, progress: bool) -> 
     except UserError as e:
         click.echo(f"clipn-demo: {e}", err=True)
         sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        click.echo(
+            "clipn-demo: interrupted; run the same command again to continue (finished stages are kept)", err=True
+        )
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(summary_table(result))
     click.echo(
         f"\nreport: {output / 'report' / 'summary.md'}; total {result.stage_seconds['total']:.0f} s", err=True

@@ -26,6 +26,8 @@ import json
 import logging
 import math
 import multiprocessing
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -406,6 +408,24 @@ class ShardSet:
         return str(first.parent / f"{stem}{{{0:0{digits}d}..{len(self.paths) - 1:0{digits}d}}}.tar")
 
 
+@contextlib.contextmanager
+def _sigint_ignored_while_spawning() -> Iterator[None]:
+    """Spawned workers inherit an ignored SIGINT, so a Ctrl-C while they start cannot hit their imports."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be changed from the main thread; the initializer still applies
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _leave_sigint_to_parent() -> None:
+    """Ctrl-C reaches the whole process group; the parent alone handles it (and cancels the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _shard_records(world: ToyWorld, seed: int, start: int, stop: int) -> list[dict[str, Any]]:
     """Encoded webdataset records for training images ``start..stop-1`` (runs in worker processes too)."""
     concepts = world.concepts()
@@ -474,12 +494,15 @@ def write_shards(
             batches: Iterator[list[dict[str, Any]]] = (_shard_records(world, seed, a, b) for a, b in bounds)
         else:
             # spawn, not fork: the parent may hold torch/OpenMP state that does not survive a fork.
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_leave_sigint_to_parent
+            )
             # On an error or Ctrl-C, drop the chunks not started yet rather than render them all first.
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-            batches = pool.map(
-                _shard_records, *zip(*((world, seed, a, b) for a, b in bounds), strict=True)
-            )  # ordered results, so the shards do not depend on scheduling
+            with _sigint_ignored_while_spawning():  # map() submits every chunk, so the workers start in here
+                batches = pool.map(
+                    _shard_records, *zip(*((world, seed, a, b) for a, b in bounds), strict=True)
+                )  # ordered results, so the shards do not depend on scheduling
         for records in batches:
             for record in records:
                 sink.write(record)

@@ -53,6 +53,16 @@ def test_foreign_output_folder_is_refused_and_kept(tmp_path: Path) -> None:
     assert (tmp_path / "precious.txt").read_text(encoding="utf-8") == "keep me"
 
 
+def test_ctrl_c_stops_cleanly_and_says_how_to_continue(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("clipn_eval.demo.run_demo", interrupted)
+    r = CliRunner().invoke(main, ["--quick", "-o", str(tmp_path / "d"), "--no-progress"])
+    assert r.exit_code == 130
+    assert "run the same command again" in r.output and "Traceback" not in r.output
+
+
 def test_splits_partition_the_world() -> None:
     for name in ("shape", "combo", "colour", "colour-hard"):
         sp = make_split(name)
