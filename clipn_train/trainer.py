@@ -267,6 +267,21 @@ class TrainData:
         )
 
 
+def _first_cached_batch(cache: FeatureCache, size: int) -> Batch:
+    """The first ``size`` samples of a feature cache (all of it if smaller), in order."""
+    batches = CachedBatches(
+        cache,
+        batch_size=min(size, len(cache)),
+        num_batches=1,
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        shuffle=False,
+    )
+    return next(iter(batches))
+
+
 def _heldout_batch(cfg: TrainConfig, loaded: LoadedCLIPN, data: TrainData) -> tuple[Batch, str]:
     """The fixed batch whose p_no is reported each epoch: from --val-data, else the first training samples."""
     size = cfg.val_batch_size
@@ -276,40 +291,13 @@ def _heldout_batch(cfg: TrainConfig, loaded: LoadedCLIPN, data: TrainData) -> tu
         if spec.kind() == "cache":
             cache = FeatureCache(cfg.val_data)
             cache.check_model(model_identity(loaded.info))
-            return next(
-                iter(
-                    CachedBatches(
-                        cache,
-                        batch_size=min(size, len(cache)),
-                        num_batches=1,
-                        seed=0,
-                        epoch=0,
-                        rank=0,
-                        world_size=1,
-                        shuffle=False,
-                    )
-                )
-            ), label
+            return _first_cached_batch(cache, size), label
         source = spec.open_source()
         texts = CaptionTexts(loaded.tokenizer, caption_pairs(cfg.variant, cfg.prompts))
     else:
         label = "train (no --val-data given, so not held out)"
         if data.cache is not None:
-            n = min(size, len(data.cache))
-            return next(
-                iter(
-                    CachedBatches(
-                        data.cache,
-                        batch_size=n,
-                        num_batches=1,
-                        seed=0,
-                        epoch=0,
-                        rank=0,
-                        world_size=1,
-                        shuffle=False,
-                    )
-                )
-            ), label
+            return _first_cached_batch(data.cache, size), label
         source, texts = data.source, data.texts
     stream = CaptionBatches(
         source,

@@ -9,6 +9,20 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():  # type: ignore[no-untyped-def]
+    """Tiny models on a shared 2-core machine run several times faster on one thread (no spin-waiting).
+
+    Use per module: ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> Path:
     """Path to a tiny open_clip model-config JSON (32-px ViT, 1-layer towers, width 32, context 77)."""

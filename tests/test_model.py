@@ -16,13 +16,8 @@ from clipn_train.model import CLIPN, create_clipn, resolve_model_config
 CAPTIONS = ["a photo of a dog.", "a much longer caption about a small red bicycle leaning on a wall", "cat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models on a shared 2-core machine run several times faster on one thread (no spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a shared 2-core machine run several times faster on one thread (conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

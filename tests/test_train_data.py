@@ -22,13 +22,8 @@ from clipn_train.model import create_clipn
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models on a shared 2-core machine run several times faster on one thread (no spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a shared 2-core machine run several times faster on one thread (conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 36)) -> bytes:

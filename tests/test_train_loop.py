@@ -18,14 +18,8 @@ from clipn_train.checkpoint import read_checkpoint
 from clipn_train.model import create_clipn
 from clipn_train.trainer import TrainConfig, Trainer, cosine_lr, param_groups
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models on a shared 2-core machine run several times faster on one thread (no spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a shared 2-core machine run several times faster on one thread (conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
