@@ -1,6 +1,6 @@
 """Run the benchmark suite: engine, fused head, end to end, training cache, text bank — then one summary.
 
-    python benchmarks/run.py --quick             # ≈ 6-8 min on 2 CPU cores; what the README shows
+    python benchmarks/run.py --quick             # ≈ 6-8 min on 2 CPU cores; → benchmarks/results/README.md
     python benchmarks/run.py --full              # more images and repetitions (≈ 20-30 min on 2 cores)
     python benchmarks/run.py --smoke --out /tmp/bench   # tiny models, one repetition: checks the suite (CI)
     python benchmarks/run.py --quick --only engine,head --max-load 1.5
@@ -8,7 +8,8 @@
 Each benchmark runs in its own process (clean memory and thread pools; one failure does not stop the rest) and
 writes ``<bench>_<mode>.{json,md}`` under ``--out`` (default benchmarks/results/) with the machine, the library
 versions, the load average and its exact command. The suite then writes ``<mode>.{json,md}``: the headline
-numbers of every benchmark in one table set (the README shows ``quick.md``), with links to the details.
+numbers of every benchmark in one table set (``<mode>.md``, copied to ``README.md`` there for a real suite),
+with links to the details.
 
 Timings are only worth recording on a quiet machine: the 1-minute load average is printed and recorded, and
 ``--max-load`` refuses to start above a limit. Exit status: 0 all ran, 1 a benchmark failed, 3 machine too busy.
@@ -188,7 +189,16 @@ def summary(out: Path, mode: str, steps: list[dict[str, Any]], load_start: tuple
     )
     if (out / f"engine_{mode}.png").is_file():
         md += f"\n![latency vs batch](engine_{mode}.png)\n"
-    write_result(mode, {"suite": mode, "load_avg_start": load_start, "steps": steps, "results": headline}, md, out)
+    _, md_path = write_result(
+        mode, {"suite": mode, "load_avg_start": load_start, "steps": steps, "results": headline}, md, out
+    )
+    if mode != "smoke":
+        # the results folder's README is what GitHub shows there: the latest real suite, whichever it was
+        (out / "README.md").write_text(
+            "# Latest benchmark results\n\nWritten by `benchmarks/run.py`; how to read them: "
+            "[docs/benchmarks.md](../../docs/benchmarks.md).\n\n" + md_path.read_text(encoding="utf-8"),
+            encoding="utf-8",
+        )
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import zipfile
+from pathlib import Path
 
 BLOCK_TORCH = textwrap.dedent(
     """
@@ -42,3 +44,21 @@ def test_block_is_effective() -> None:
     # The guard above must be able to fail: importing torch under it has to raise.
     r = run_blocked("import torch")
     assert r.returncode != 0 and "blocked for this test" in r.stderr
+
+
+def test_wheel_ships_types_data_and_license(tmp_path: Path) -> None:
+    """The built wheel (not the checkout) holds every package's py.typed, the runtime's data and the LICENSE."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("clipn_ood-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"{p}/py.typed" for p in ("clipn_runtime", "clipn_train", "clipn_export", "clipn_eval")}
+    expected |= {f"clipn_runtime/data/{f.name}" for f in (root / "clipn_runtime" / "data").iterdir()}
+    assert expected <= names, sorted(expected - names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
