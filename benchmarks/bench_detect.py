@@ -50,6 +50,8 @@ from harness import (
     save,
 )
 
+from clipn_runtime.fileio import atomic_write
+
 REAL_SIZES = ((640, 480), (1024, 768), (1280, 720), (1920, 1080))
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -112,9 +114,7 @@ def jpeg_folder(cache: Path, sizes: tuple[tuple[int, int], ...], per_size: int) 
             p = folder / f"{i:05d}.jpg"
             data = make_jpeg(w, h, rng)  # drawn even when cached, so image i is the same whatever per_size is
             if not p.is_file():
-                tmp = p.with_suffix(".tmp")
-                tmp.write_bytes(data)
-                tmp.replace(p)
+                atomic_write(p, data)
             paths.append(p)
     return paths
 
@@ -329,11 +329,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rss {n}:", r["peak_rss_mb"], "MB", r["images_per_s_incl_startup"], "img/s", flush=True)
 
     label = model_label(model)
+    sizes = ["{}x{}".format(*s) for s in ps["sizes"]]
+    rss_ratio = rss[-1]["peak_rss_mb"] / rss[0]["peak_rss_mb"]
     payload = {
         "model": label,
         "classes": CLASSES,
         "images": {
-            "sizes": ["{}x{}".format(*s) for s in ps["sizes"]],
+            "sizes": sizes,
             "per_size": ps["per_size"],
             "total": len(paths),
             "generated_in_s": round(gen_s, 2),
@@ -350,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             "bundle": str(tiny.path),
             "image_size": "{}x{}".format(*RSS_SIZE),
             "runs": rss,
-            "ratio_last_over_first": rss[-1]["peak_rss_mb"] / rss[0]["peak_rss_mb"],
+            "ratio_last_over_first": rss_ratio,
         },
     }
     t_dec = md_table(
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     md = (
         f"## End to end: clipn-detect over {len(paths)} generated JPEGs "
-        f"({', '.join(payload['images']['sizes'])}; {label}, {CLASSES} classes, batch {BATCH})\n\n"
+        f"({', '.join(sizes)}; {label}, {CLASSES} classes, batch {BATCH})\n\n"
         f"Decoding + preprocessing to {decode['image_size']} px (the runtime's `open_image` + `Preprocessor`):\n\n"
         f"{t_dec}\n{t_size}\n"
         f"`Detector.iter_detect` (decode threads overlapped with the engine) vs `Detector.run` on preprocessed "
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         f"images/s including start-up ({cli['wall_seconds']:.1f} s wall), peak RSS {cli['peak_rss_mb']:.0f} MB.\n\n"
         f"Peak RSS of `clipn-detect` (subprocess, its `VmHWM` at exit) with the tiny test model's bundle (32 px, so decoding "
         f"dominates) over folders of {RSS_SIZE[0]}×{RSS_SIZE[1]} JPEGs:\n\n{t_rss}\n"
-        f"Ratio {rss[-1]['images']} vs {rss[0]['images']} images: **{payload['rss']['ratio_last_over_first']:.2f}×** "
+        f"Ratio {rss[-1]['images']} vs {rss[0]['images']} images: **{rss_ratio:.2f}×** "
         "(flat memory: results stream to the file, at most a few batches are in flight).\n"
     )
     save(args, "detect", payload, md)

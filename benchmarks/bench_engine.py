@@ -22,6 +22,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         for group, baseline in ((cands, BASELINE), (gpu, BASELINE_GPU)):
             if not group:
                 continue
-            stats = interleaved({k: (lambda f=f, x=x: f(x)) for k, f in group.items()}, budget)
+            stats = interleaved({k: partial(f, x) for k, f in group.items()}, budget)
             base: Stats = stats[baseline]
             for name, st in stats.items():
                 ips = st.per_s(b)

@@ -19,6 +19,7 @@ import logging
 import sys
 import tempfile
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from clipn_export.head import normalize_uint8
     from clipn_export.parity import parity_images
-    from clipn_runtime.engine import OrtEngine
+    from clipn_runtime.engine import open_engine
 
     loaded = make_model(model)
     size = int(loaded.info.image_size)
@@ -110,16 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_head_") as tmp:
         full, heads, dim = build_graphs(loaded, Path(tmp))
         del loaded
-        engines = {k: OrtEngine(p, device="cpu", threads=args.threads) for k, p in full.items()}
-        head_engines = {k: OrtEngine(p, device="cpu", threads=args.threads) for k, p in heads.items()}
+        engines = {k: open_engine(p, device="cpu", threads=args.threads) for k, p in full.items()}
+        head_engines = {k: open_engine(p, device="cpu", threads=args.threads) for k, p in heads.items()}
         feats = np.random.default_rng(1).standard_normal((max(preset["batches"]), dim)).astype(np.float32)
         for b in preset["batches"]:
             x = np.ascontiguousarray(pixels[:b])
-            stats = interleaved(
-                {k: (lambda e=e, x=x: e.run({"image": x})) for k, e in engines.items()}, preset["budget"]
-            )
+            stats = interleaved({k: partial(e.run, {"image": x}) for k, e in engines.items()}, preset["budget"])
             hstats = interleaved(
-                {k: (lambda e=e, f=feats[:b]: e.run({"feature": f})) for k, e in head_engines.items()},
+                {k: partial(e.run, {"feature": feats[:b]}) for k, e in head_engines.items()},
                 preset["head"],
             )
             enc = stats["encoder"]

@@ -42,33 +42,29 @@ from clipn_runtime.tokenizer import ClipTokenizer
 
 
 def _session(path: Path | bytes, threads: int | None) -> Any:
-    import onnxruntime as ort
+    """The CPU engine clipn_runtime opens for ``path`` (the runtime's session settings)."""
+    from clipn_runtime.engine import open_engine
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    src = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return open_engine(path, device="cpu", threads=threads, log_severity=3)
 
 
 def _encode(session: Any, ids: np.ndarray, lengths: np.ndarray, batch: int, cut: bool) -> float:
     t0 = time.perf_counter()
     for idx in length_batches(lengths, batch):
         x = ids[idx][:, : int(lengths[idx].max())] if cut else ids[idx]
-        l2_normalize(session.run(None, {"tokens": x})[0])
+        l2_normalize(session.run({"tokens": x})["text_features"])
     return time.perf_counter() - t0
 
 
 def _measured_end_to_end(loaded: Any, work: Path, section: Any, files: Any, k: int, threads: int | None) -> Any:
     """The runtime's own code path (BankBuilder: tokenise, encode, ensemble, cache write), timed in full for
     1000 ImageNet classes × the first ``k`` official templates."""
-    from clipn_runtime.bundle import Manifest, Preprocess, Scoring
+    from clipn_runtime.bundle import Manifest, ModelIdentity, Preprocess, Scoring
     from clipn_runtime.openvocab import BankBuilder
 
     ps = PromptSet(f"first {k} official", load_prompts("clipn").yes[:k])
     manifest = Manifest(
-        model={"name": "bench", "variant": loaded.info.variant},
+        model=ModelIdentity("bench", variant=loaded.info.variant),
         preprocess=Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
         classes=["x"],
         prompts={**ps.to_dict(), "variant": loaded.info.variant},
@@ -248,7 +244,7 @@ def bench_engine(loaded: Any, args: argparse.Namespace) -> tuple[dict[str, Any],
             ("inputs_default", h_inputs, {"feature": f}),
         ):
             t0 = time.perf_counter()
-            sess.run(None, feeds)
+            sess.run(feeds)
             h_times[name].append(time.perf_counter() - t0)
     head_ms = {k: float(np.median(v)) * 1e3 for k, v in h_times.items()}
     payload["head_only_median_ms"] = head_ms
@@ -262,12 +258,9 @@ def bench_engine(loaded: Any, args: argparse.Namespace) -> tuple[dict[str, Any],
         s_baked = _session(baked.SerializeToString(), args.threads)
         s_inputs = _session(inputs.SerializeToString(), args.threads)
         feeds_inputs = {"image": x, ox.BANK_INPUTS["yes"]: yes, ox.BANK_INPUTS["no"]: no}
-        a = s_baked.run(None, {"image": x})
-        b = s_inputs.run(None, feeds_inputs)
-        diff = max(
-            float(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64)).max())
-            for u, v in zip(a, b, strict=True)
-        )
+        a = s_baked.run({"image": x})
+        b = s_inputs.run(feeds_inputs)
+        diff = max(float(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)).max()) for k in a)
         times: dict[str, list[float]] = {"baked": [], "inputs": [], "inputs_default": []}
         for _ in range(args.rounds):
             for name, sess, feeds in (
@@ -276,7 +269,7 @@ def bench_engine(loaded: Any, args: argparse.Namespace) -> tuple[dict[str, Any],
                 ("inputs_default", s_inputs, {"image": x}),
             ):
                 t0 = time.perf_counter()
-                sess.run(None, feeds)
+                sess.run(feeds)
                 times[name].append(time.perf_counter() - t0)
         med = {k: float(np.median(v)) for k, v in times.items()}
         ips = {k: args.image_batch / v for k, v in med.items()}
@@ -331,12 +324,14 @@ def main() -> None:
     ap.add_argument("--name", default="openvocab")
     args = ap.parse_args()
 
-    from clipn_train.model import create_clipn
+    from clipn_train.factory import create_clipn
 
     torch.manual_seed(0)
     loaded = create_clipn(args.model)
+    prompt = loaded.model.prompt_no
+    assert prompt is not None, "create_clipn's default variant learns prompts"
     with torch.no_grad():  # an untrained no tower equals the yes tower; make them differ
-        loaded.model.prompt_no.normal_(0, 0.02)
+        prompt.normal_(0, 0.02)
     payload: dict[str, Any] = {"model": args.model}
     md = ""
     with tempfile.TemporaryDirectory(prefix="bench-openvocab-") as tmp:

@@ -21,10 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result
 
-from clipn_export.textbank import build_text_bank, fill, naive_text_bank
+from clipn_export.textbank import build_text_bank, naive_text_bank
 from clipn_runtime.classes import load_classes
+from clipn_runtime.openvocab import fill
 from clipn_runtime.prompts import load_prompts
-from clipn_train.model import create_clipn
+from clipn_train.factory import create_clipn
 
 
 def main() -> None:
@@ -43,8 +44,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     loaded = create_clipn(args.model)
+    prompt = loaded.model.prompt_no
+    assert prompt is not None, "create_clipn's default variant learns prompts"
     with torch.no_grad():  # an untrained no tower equals the yes tower; make the two banks differ
-        loaded.model.prompt_no.normal_(0, 0.02)
+        prompt.normal_(0, 0.02)
     classes = load_classes("imagenet")[: args.classes]
     prompts = load_prompts(args.prompts)
     templates = prompts.templates_for("yes", loaded.info.variant)

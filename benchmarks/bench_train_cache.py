@@ -76,8 +76,13 @@ def timed_run(cfg: Any, warmup: int) -> dict[str, float]:
     from clipn_train.trainer import Trainer
 
     stamps: list[float] = []
+
+    def stamp(step: int) -> bool:
+        stamps.append(time.perf_counter())
+        return False  # never stop: the hook only times the steps
+
     started = time.perf_counter()
-    result = Trainer(cfg, should_stop=lambda step: stamps.append(time.perf_counter()) or False).run()
+    result = Trainer(cfg, should_stop=stamp).run()
     timed = stamps[warmup - 1 :] if warmup > 0 else [started, *stamps]
     steps = len(timed) - 1
     seconds = timed[-1] - timed[0]
@@ -111,7 +116,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from clipn_train.cache import build_feature_cache
-    from clipn_train.model import create_clipn
+    from clipn_train.factory import create_clipn
     from clipn_train.trainer import TrainConfig
 
     if args.threads:

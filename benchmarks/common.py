@@ -96,15 +96,15 @@ def command() -> str:
 def write_result(name: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
     """Write ``<name>.json`` (machine + versions + command + payload) and ``<name>.md`` under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    m = machine_info()
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command(),
-        "machine": machine_info(),
+        "machine": m,
         "versions": versions(),
     }
     j = out_dir / f"{name}.json"
     j.write_text(json.dumps({**meta, **payload}, indent=2, default=str) + "\n", encoding="utf-8")
-    m = meta["machine"]
     header = (
         f"_{meta['date']} · `{meta['command']}` · {m['cpu']}, {m['cores']} cores @ {m['clock_mhz']:.0f} MHz, "
         f"{m['isa']}; GPU: {m['gpu'] or 'none'}; load avg at start {m['load_avg']}_\n\n"

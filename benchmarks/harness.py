@@ -176,20 +176,22 @@ def nominal_gflop(model: str, model_cfg: Mapping[str, Any]) -> float | None:
 
 
 def make_model(model: str) -> Any:
-    """A seeded random-init CLIPN (``clipn_train.model.LoadedCLIPN``), in eval mode.
+    """A seeded random-init CLIPN (``clipn_train.factory.LoadedCLIPN``), in eval mode.
 
     The no tower's prompt gets small seeded noise: an untrained no tower equals the yes tower, which would make
     every "no" probability exactly 0.5 and the correctness check between backends say nothing.
     """
     import torch
 
-    from clipn_train.model import create_clipn
+    from clipn_train.factory import create_clipn
 
     torch.manual_seed(0)
     loaded = create_clipn(model)
     g = torch.Generator().manual_seed(1)
+    prompt = loaded.model.prompt_no
+    assert prompt is not None, "create_clipn's default variant learns prompts"
     with torch.no_grad():
-        loaded.model.prompt_no.copy_(torch.randn(loaded.model.prompt_no.shape, generator=g) * 0.02)
+        prompt.copy_(torch.randn(prompt.shape, generator=g) * 0.02)
     loaded.model.eval()
     return loaded
 

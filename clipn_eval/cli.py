@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from clipn_eval.evaluate import SORTED_FOLDERS, Scorer
+from clipn_eval.evaluate import EngineScorer, Evaluation, Scorer, evaluate
+from clipn_runtime import clikit
+from clipn_runtime.clikit import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from clipn_runtime.clikit import EXIT_PARTIAL as EXIT_SOME_FAILED
 from clipn_runtime.errors import UserError
+from clipn_runtime.inputs import printable
+
+if TYPE_CHECKING:
+    from clipn_runtime.bundle import ModelIdentity
 
 log = logging.getLogger("clipn_eval")
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+__all__ = ["EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "main"]
 ALL_METHODS = ("atd", "ctw", "msp", "mcm", "maxlogit", "energy")
 
 HELP = """Evaluate OOD detection: score an ID folder and OOD folders with a bundle (one pass gives
@@ -36,6 +43,7 @@ i-th folder in sorted order is class i: ImageNet's wnid folders).
 Examples:
   clipn-eval --engine b/ --id imagenet/val --class-map wnids.tsv \\
       --ood iNaturalist=ood/iNaturalist --ood SUN=ood/SUN -o report/
+  CLIPN_ENGINE=b/ clipn-eval --id id/ --ood x=ood/ --threads 1 -q
   clipn-eval --torch --checkpoint ckpt.safetensors --engine b/ --id id/ --ood x=ood/ -o ref/
 
 \b
@@ -50,7 +58,8 @@ def _parse_ood(values: tuple[str, ...]) -> list[tuple[str, Path]]:
     for v in values:
         name, sep, folder = v.partition("=")
         if not sep or not name or not folder:
-            raise UserError(f"--ood {v!r}: expected NAME=DIR, e.g. --ood SUN=data/SUN")
+            raise UserError(f"--ood {printable(v)!r}: expected NAME=DIR, e.g. --ood SUN=data/SUN")
+        name = printable(name)  # the set's name goes into the report and the cache's file names: valid UTF-8
         if name in {n for n, _ in out}:
             raise UserError(f"--ood: the name {name!r} is used twice")
         out.append((name, Path(folder)))
@@ -65,22 +74,50 @@ def _methods(value: str) -> list[str]:
     return methods
 
 
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--engine", "-e", type=click.Path(path_type=Path), help="Bundle directory written by clipn-export.")
+@click.command(
+    "clipn-eval",
+    cls=clikit.Command,
+    help=HELP,
+    interrupted="per-image scores so far are kept — rerun to continue",
+    extras=("eval",),
+    log_default=logging.WARNING,
+)
+@click.option(
+    "--engine",
+    "-e",
+    envvar="CLIPN_ENGINE",
+    type=click.Path(path_type=Path),
+    help="Bundle directory written by clipn-export. Default: $CLIPN_ENGINE.",
+)
 @click.option("--id", "id_dir", required=True, type=click.Path(path_type=Path), help="Folder of ID images.")
 @click.option("--ood", "ood", multiple=True, required=True, metavar="NAME=DIR", help="An OOD set (repeatable).")
 @click.option("--methods", default=",".join(ALL_METHODS), show_default=True, help="Comma-separated methods.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=clikit.OutputPath("dir", Path),
+    default=Path("report"),
+    show_default=True,
+    metavar="DIR",
+    help="Report folder (metrics, plots, per-image scores); checked before any work. A rerun continues in it.",
+)
 @click.option(
     "--class-map",
     metavar="FILE|sorted",
     help="ID folder → class: a file of 'folder<TAB>class name' lines, or 'sorted' (i-th sorted folder = class i, "
     "e.g. ImageNet wnid folders with --classes imagenet).",
 )
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True
+    "--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch."
 )
+@clikit.device_option(
+    ["auto", "cpu", "cuda", "tensorrt"],
+    "auto",
+    "Where the engine runs, as in clipn-detect (auto: the bundle's TensorRT plan if it runs here, else "
+    "onnxruntime with TensorRT → CUDA → CPU); with --torch, where PyTorch runs (auto: the GPU if torch sees one).",
+    why_not=clikit.GPU_BY_ENVIRONMENT,
+)
+@clikit.threads_option("onnxruntime (the engine), or torch with --torch")
 @click.option(
     "--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Which engine of the bundle to use."
 )
@@ -93,7 +130,8 @@ def _methods(value: str) -> list[str]:
 @click.option("--pretrained", help="With --torch: open_clip tag or weights file for the base CLIP.")
 @click.option("--classes", help="With --torch: class list file or 'imagenet' (default: the --engine's).")
 @click.option("--prompts", help="With --torch: clipn|clean|openai|FILE (default: the --engine's, else clipn).")
-@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+@clikit.verbosity_options
+@clikit.version_option
 def main(
     engine: Path | None,
     id_dir: Path,
@@ -103,6 +141,7 @@ def main(
     class_map: str | None,
     batch_size: int,
     device: str,
+    threads: int | None,
     precision: str | None,
     no_plots: bool,
     use_torch: bool,
@@ -111,37 +150,44 @@ def main(
     pretrained: str | None,
     classes: str | None,
     prompts: str | None,
-    verbose: bool,
-) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
+    quiet: bool,
+    verbose: int,
+) -> int:
+    # clikit.Command turns UserError and Ctrl-C into one line and the documented exit code.
+    oods, method_list = _parse_ood(ood), _methods(methods)
+    from clipn_train.cli import torch_threads  # click only; torch itself is imported with --torch alone
+
+    with torch_threads(threads if use_torch else None):
         if use_torch:
             if checkpoint is None:
                 raise UserError("--torch needs --checkpoint")
-            scorer: Scorer = _torch_scorer(engine, checkpoint, model, pretrained, classes, prompts, batch_size)
+            if device == "tensorrt":
+                raise UserError(
+                    "--torch runs the PyTorch model; --device tensorrt is for engines (use auto, cpu, cuda)"
+                )
+            scorer: Scorer = _torch_scorer(
+                engine, checkpoint, model, pretrained, classes, prompts, batch_size, device
+            )
         elif engine is None:
-            raise UserError("give --engine BUNDLE_DIR (or --torch --checkpoint CKPT for the PyTorch reference)")
+            raise UserError(
+                "give --engine BUNDLE_DIR or set CLIPN_ENGINE (or --torch --checkpoint CKPT for the PyTorch reference)"
+            )
         else:
-            from clipn_eval.evaluate import EngineScorer
-
-            scorer = EngineScorer(engine, device=device, batch_size=batch_size, precision=precision)
-        code = evaluate(
+            scorer = EngineScorer(
+                engine, device=device, batch_size=batch_size, precision=precision, threads=threads
+            )
+        report = evaluate(
             scorer,
             id_dir,
-            _parse_ood(ood),
-            _methods(methods),
+            oods,
+            method_list,
             output,
             class_map=class_map,
             plots=not no_plots,
-            meta={"engine": str(engine) if engine else None, "torch": use_torch},
+            meta={"engine": printable(str(engine)) if engine else None, "torch": use_torch},
+            progress=not quiet,
         )
-    except UserError as e:
-        click.echo(f"clipn-eval: error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        click.echo("clipn-eval: interrupted; per-image scores so far are kept — rerun to continue", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(code)
+    return _print_report(report)
 
 
 def _torch_scorer(
@@ -152,11 +198,13 @@ def _torch_scorer(
     classes_spec: str | None,
     prompts: str | None,
     batch_size: int,
+    device: str,
 ) -> Scorer:
     from clipn_eval.evaluate import TorchScorer
     from clipn_runtime.bundle import load_manifest
     from clipn_runtime.classes import load_classes
-    from clipn_runtime.prompts import PromptSet, load_prompts
+    from clipn_runtime.prompts import DEFAULT_PROMPTS, PromptSet, load_prompts
+    from clipn_train.distributed import pick_device
 
     prompt_set: PromptSet | None = load_prompts(prompts) if prompts else None
     classes: list[str] | None = None
@@ -164,7 +212,7 @@ def _torch_scorer(
     if engine is not None:  # checking an export: use everything it was made from unless overridden
         m = load_manifest(engine, verify_hashes=False)
         model = model or _model_spec(m.model, engine)
-        pretrained = pretrained or m.model.get("pretrained")
+        pretrained = pretrained or m.model.pretrained
         classes, scale = m.classes, m.scoring.scale
         prompt_set = prompt_set or PromptSet.from_dict(m.prompts)
     if classes_spec:
@@ -176,81 +224,38 @@ def _torch_scorer(
         classes,
         model=model,
         pretrained=pretrained,
-        prompts=prompt_set or load_prompts("clipn"),
+        prompts=prompt_set or load_prompts(DEFAULT_PROMPTS),
         scale=scale,
         batch_size=batch_size,
+        device=str(pick_device(device)),
     )
 
 
-def _model_spec(model: dict[str, object], bundle: Path) -> str:
+def _model_spec(model: ModelIdentity, bundle: Path) -> str:
     """The open_clip name the manifest records, else its model config written to a temporary JSON file."""
     import json
     import tempfile
 
     import open_clip
 
-    name = str(model.get("name"))
-    if name in open_clip.list_models():
-        return name
-    if not isinstance(model.get("config"), dict):
+    if model.name in open_clip.list_models():
+        return model.name
+    if model.config is None:
         raise UserError(f"{bundle}: the manifest does not name an open_clip model; pass --model")
     path = Path(tempfile.mkdtemp(prefix="clipn-eval-")) / "model.json"
-    path.write_text(json.dumps(model["config"]), encoding="utf-8")
+    path.write_text(json.dumps(model.config), encoding="utf-8")
     return str(path)
 
 
-def evaluate(
-    scorer: Scorer,
-    id_dir: Path,
-    oods: list[tuple[str, Path]],
-    methods: list[str],
-    out: Path,
-    *,
-    class_map: str | Path | None = None,
-    plots: bool = True,
-    meta: dict[str, object] | None = None,
-    progress: bool = True,
-) -> int:
-    """Score, compute the metrics, write the report, print the table; the exit code (0 or 1)."""
-    from clipn_eval.evaluate import (
-        ImageSet,
-        ScoreCache,
-        collect_images,
-        folder_labels,
-        id_accuracy,
-        read_class_map,
-        score_set,
-    )
-    from clipn_eval.report import markdown_table, metric_rows, write_report
+def _print_report(report: Evaluation) -> int:
+    """The table on stdout, each image that could not be scored on stderr; the exit code."""
+    from clipn_eval.report import markdown_table
 
-    id_paths = collect_images(id_dir)
-    ood_sets = [ImageSet(name, folder, collect_images(folder)) for name, folder in oods]
-    mapping = class_map if class_map is None or class_map == SORTED_FOLDERS else read_class_map(class_map)
-    id_set = ImageSet("ID", id_dir, id_paths, folder_labels(id_dir, id_paths, scorer.classes, mapping))
-    cache = ScoreCache(out / "scores" / scorer.key())
-
-    scored_id = score_set(scorer, id_set, cache, progress=progress)
-    scored_ood = {s.name: score_set(scorer, s, cache, progress=progress) for s in ood_sets}
-    for s in (scored_id, *scored_ood.values()):
-        if not s.ok_paths:
-            raise UserError(f"no image of the {s.name} set could be scored (first error: {s.errors[0].error})")
-    acc = id_accuracy(id_set, scored_id)
-    ood_scores = {k: v.scores for k, v in scored_ood.items()}
-    rows = metric_rows(scored_id.scores, ood_scores, methods)
-    errors = [e for s in (scored_id, *scored_ood.values()) for e in s.errors]
-    info = {
-        **(meta or {}),
-        "scorer": scorer.key(),
-        "id": str(id_dir),
-        "ood": {n: str(f) for n, f in oods},
-        "errors": [{"path": e.path, "error": e.error} for e in errors],
-    }
-    write_report(out, rows, scored_id.scores, ood_scores, methods, id_accuracy=acc, meta=info, plots=plots)
-    click.echo(markdown_table(rows, acc))
-    for e in errors:
-        click.echo(f"clipn-eval: skipped {e.path}: {e.error}", err=True)
-    click.echo(f"report written to {out}/", err=True)
-    return EXIT_SOME_FAILED if errors else EXIT_OK
+    click.echo(markdown_table(report.rows, report.id_accuracy))
+    for e in report.errors:
+        click.echo(f"clipn-eval: skipped {e['path']}: {e['error']}", err=True)
+    click.echo(f"report written to {printable(str(report.out_dir))}/", err=True)
+    return EXIT_SOME_FAILED if report.errors else EXIT_OK
 
 
 if __name__ == "__main__":

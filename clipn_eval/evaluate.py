@@ -10,19 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from clipn_runtime.errors import InputFileError, UserError
-from clipn_runtime.inputs import expand_inputs
-from clipn_runtime.prompts import PromptSet
+from clipn_runtime.inputs import expand_inputs, path_fields, path_from_fields, printable
+from clipn_runtime.prompts import DEFAULT_PROMPTS, PromptSet
 from clipn_runtime.scoring import METHODS
+
+if TYPE_CHECKING:
+    from clipn_eval.report import MetricRow
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,21 @@ class ScoredImage:
     pred_index: int | None
     scores: dict[str, float] | None
     error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Strict-JSON, valid-UTF-8 form: a file name that is not valid UTF-8 is escaped in ``path`` and exact
+        in ``path_b64`` (see :func:`clipn_runtime.inputs.path_fields`)."""
+        error = None if self.error is None else printable(self.error)
+        return {**path_fields(self.path), "pred_index": self.pred_index, "scores": self.scores, "error": error}
+
+    def error_entry(self) -> dict[str, Any]:
+        """This failed image for the report (``metrics.json``'s ``errors``)."""
+        return {**path_fields(self.path), "error": printable(self.error or "")}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ScoredImage:
+        """Inverse of :meth:`to_dict`; KeyError/ValueError/TypeError when ``d`` is not one."""
+        return cls(path_from_fields(d), d["pred_index"], d["scores"], d["error"])
 
 
 class Scorer(Protocol):
@@ -51,6 +70,17 @@ def _method_scores(values: Mapping[str, Any]) -> dict[str, float]:
     return {m: float(values[field_name]) for m, (field_name, _) in METHODS.items()}
 
 
+def _scored(path: str, pred_index: int, scores: dict[str, float]) -> ScoredImage:
+    """The image's scores, or an error when one is not finite: a NaN would silently drop out of (or poison)
+    the AUROC/FPR95 of every method."""
+    bad = [f"{m}={v}" for m, v in scores.items() if not math.isfinite(v)]
+    if bad:
+        return ScoredImage(
+            path, None, None, f"non-finite scores ({', '.join(bad)}): the model or bundle is broken"
+        )
+    return ScoredImage(path, pred_index, scores)
+
+
 class EngineScorer:
     """A bundle through :class:`clipn_runtime.Detector` (onnxruntime or TensorRT)."""
 
@@ -61,17 +91,19 @@ class EngineScorer:
         self.classes = list(self.detector.classes)
 
     def key(self) -> str:
-        m = self.detector.manifest
-        engine = self.detector.engine.describe()
-        ident = {"files": [f.sha256 for f in m.files], "classes": self.classes, "engine": engine}
+        m, engine = self.detector.manifest, self.detector.engine
+        # What changes the numbers: the bundle, the classes, the engine file and what runs it — not the threads.
+        file = m.engine(self.detector.precision).path
+        run = {"backend": engine.backend, "provider": engine.providers[0], "file": file}
+        ident = {"files": [f.sha256 for f in m.files], "classes": self.classes, "engine": run}
         return "engine-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def score(self, paths: Sequence[str]) -> Iterator[ScoredImage]:
         for d in self.detector.iter_detect(paths):
-            if d.error is not None:
-                yield ScoredImage(str(d.path), None, None, d.error)
+            if d.error is not None or d.pred_index is None:
+                yield ScoredImage(str(d.path), None, None, d.error or "no prediction")
             else:
-                yield ScoredImage(str(d.path), d.pred_index, _method_scores(d.scores))
+                yield _scored(str(d.path), d.pred_index, _method_scores(d.scores))
 
 
 @dataclass
@@ -168,13 +200,13 @@ class ScoreCache:
         done: dict[str, ScoredImage] = {}
         if not f.exists():
             return done
-        with open(f, encoding="utf-8") as fh:
+        with open(f, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash: that image is scored again
-                done[r["path"]] = ScoredImage(r["path"], r["pred_index"], r["scores"], r["error"])
+                    r = ScoredImage.from_dict(json.loads(line))
+                except (json.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError):
+                    continue  # a line cut by a crash (or not ours): that image is scored again
+                done[r.path] = r
         return done
 
     def append(self, set_name: str, records: Iterable[ScoredImage]) -> None:
@@ -182,7 +214,7 @@ class ScoreCache:
         f.parent.mkdir(parents=True, exist_ok=True)
         with open(f, "a", encoding="utf-8") as fh:
             for r in records:
-                fh.write(json.dumps(r.__dict__, ensure_ascii=False) + "\n")
+                fh.write(json.dumps(r.to_dict(), ensure_ascii=False, allow_nan=False) + "\n")
                 fh.flush()
 
 
@@ -202,19 +234,21 @@ def score_set(
     scorer: Scorer, image_set: ImageSet, cache: ScoreCache | None, *, progress: bool = True
 ) -> SetScores:
     """Score every image of ``image_set`` not already in ``cache``; return all its scores in path order."""
-    done = cache.load(image_set.name) if cache else {}
-    todo = [p for p in image_set.paths if p not in done]
+    # Matched by the file a path resolves to, so a rerun from another folder (or through a link) resumes.
+    done = {os.path.realpath(k): r for k, r in (cache.load(image_set.name) if cache else {}).items()}
+    todo = [p for p in image_set.paths if os.path.realpath(p) not in done]
     cached = len(image_set.paths) - len(todo)
     bar = tqdm(total=len(image_set.paths), initial=cached, desc=f"scoring {image_set.name}", disable=not progress)
     try:
         for r in scorer.score(todo):
-            done[r.path] = r
-            if cache:
-                cache.append(image_set.name, [r])
+            real = os.path.realpath(r.path)
+            done[real] = r
+            if cache:  # the cache names files by their resolved path, valid from any working directory
+                cache.append(image_set.name, [replace(r, path=real)])
             bar.update(1)
     finally:
         bar.close()
-    results = [done[p] for p in image_set.paths]
+    results = [replace(done[os.path.realpath(p)], path=p) for p in image_set.paths]
     ok = [r for r in results if r.error is None and r.scores is not None]
     scores = {m: np.array([r.scores[m] for r in ok], dtype=np.float64) for m in METHODS}  # type: ignore[index]
     pred = np.array([r.pred_index for r in ok], dtype=np.int64)
@@ -231,6 +265,65 @@ def id_accuracy(image_set: ImageSet, scored: SetScores) -> float | None:
     return float(np.mean(truth == scored.pred))
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate` measured (and wrote to ``out_dir``)."""
+
+    out_dir: Path
+    rows: list[MetricRow]
+    id_accuracy: float | None
+    #: method → the ID-scores of the ID images that were scored
+    id_scores: dict[str, np.ndarray]
+    #: OOD set name → method → its images' ID-scores
+    ood_scores: dict[str, dict[str, np.ndarray]]
+    #: one entry per image that could not be scored (``path``, ``error``), as in ``metrics.json``
+    errors: list[dict[str, Any]]
+
+
+def evaluate(
+    scorer: Scorer,
+    id_dir: Path,
+    oods: Sequence[tuple[str, Path]],
+    methods: Sequence[str],
+    out: Path,
+    *,
+    class_map: str | Path | None = None,
+    plots: bool = True,
+    meta: Mapping[str, object] | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Score the ID folder and every ``(name, folder)`` OOD set (continuing from ``out``'s score cache),
+    compute the metrics and write the report folder ``out``. Prints nothing (``progress``: tqdm bars on
+    stderr). UserError when a folder has no images, or not one image of a set could be scored."""
+    from clipn_eval.report import metric_rows, write_report
+
+    id_paths = collect_images(id_dir)
+    ood_sets = [ImageSet(name, folder, collect_images(folder)) for name, folder in oods]
+    mapping = class_map if class_map is None or class_map == SORTED_FOLDERS else read_class_map(class_map)
+    id_set = ImageSet("ID", id_dir, id_paths, folder_labels(id_dir, id_paths, scorer.classes, mapping))
+    cache = ScoreCache(out / "scores" / scorer.key())
+
+    scored_id = score_set(scorer, id_set, cache, progress=progress)
+    scored_ood = {s.name: score_set(scorer, s, cache, progress=progress) for s in ood_sets}
+    for s in (scored_id, *scored_ood.values()):
+        if not s.ok_paths:
+            raise UserError(f"no image of the {s.name} set could be scored (first error: {s.errors[0].error})")
+    acc = id_accuracy(id_set, scored_id)
+    ood_scores = {k: v.scores for k, v in scored_ood.items()}
+    rows = metric_rows(scored_id.scores, ood_scores, methods)
+    errors = [e.error_entry() for s in (scored_id, *scored_ood.values()) for e in s.errors]
+    info = {
+        **(meta or {}),
+        "scorer": scorer.key(),
+        # printable: a folder name that is not UTF-8 (its bytes as \xNN); the images keep exact paths in errors
+        "id": printable(str(id_dir)),
+        "ood": {n: printable(str(f)) for n, f in oods},
+        "errors": errors,
+    }
+    write_report(out, rows, scored_id.scores, ood_scores, methods, id_accuracy=acc, meta=info, plots=plots)
+    return Evaluation(out, rows, acc, scored_id.scores, ood_scores, errors)
+
+
 class TorchScorer:
     """The PyTorch CLIPN model (open_clip's own eval transform) + the numpy scoring core: the reference path."""
 
@@ -241,13 +334,13 @@ class TorchScorer:
         *,
         model: str | None = None,
         pretrained: str | None = None,
-        prompts: str | PromptSet = "clipn",
+        prompts: str | PromptSet = DEFAULT_PROMPTS,
         scale: float | None = None,
         batch_size: int = 32,
         device: str = "cpu",
     ) -> None:
         from clipn_export.textbank import build_text_bank
-        from clipn_train.model import create_clipn
+        from clipn_train.factory import create_clipn
 
         if model is None:
             raise UserError(
@@ -289,7 +382,7 @@ class TorchScorer:
                 feats = self.loaded.model.encode_image(x, normalize=False).float().cpu().numpy()
             s = score_features(feats, self.bank.yes, self.bank.no, self.scale)
             for i, (p, _) in enumerate(batch):
-                yield ScoredImage(p, int(s.pred[i]), _method_scores(s.row(i)))
+                yield _scored(p, int(s.pred[i]), _method_scores(s.row(i)))
             batch.clear()
 
         for p, tensor, err in self._images(paths):

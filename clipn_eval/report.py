@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -13,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from clipn_eval.metrics import ood_metrics, roc_points
+from clipn_runtime.fileio import atomic_write
 
 AVERAGE = "average"
 #: How methods are named for people (the keys are clipn_runtime.scoring.METHODS).
@@ -138,21 +140,27 @@ def write_report(
     meta: Mapping[str, Any] | None = None,
     plots: bool = True,
 ) -> list[Path]:
-    """Write metrics.csv, metrics.json, metrics.md and (with ``plots``) ROC/histogram PNGs; return the paths."""
+    """Write metrics.csv, metrics.json, metrics.md and (with ``plots``) ROC/histogram PNGs; return the paths.
+
+    Each file is replaced atomically and is strict JSON / valid UTF-8, or not written at all: a rerun never
+    finds a half-written report. Strings must be valid UTF-8 (pass file names through
+    :func:`clipn_runtime.inputs.printable`); one that is not raises UnicodeEncodeError before anything changes.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow([*MetricRow.__dataclass_fields__])
-        for r in rows:
-            w.writerow([*asdict(r).values()])
-    written.append(out / "metrics.csv")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*MetricRow.__dataclass_fields__])
+    for r in rows:
+        w.writerow([*asdict(r).values()])
     doc = {"rows": [asdict(r) for r in rows], "id_accuracy": id_accuracy, "meta": dict(meta or {})}
-    (out / "metrics.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    written.append(out / "metrics.json")
-    (out / "metrics.md").write_text(markdown_table(rows, id_accuracy), encoding="utf-8")
-    written.append(out / "metrics.md")
+    texts = {
+        "metrics.csv": buf.getvalue(),
+        "metrics.json": json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+        "metrics.md": markdown_table(rows, id_accuracy),
+    }
+    encoded = {name: text.encode("utf-8") for name, text in texts.items()}  # every check before any write
+    written = [atomic_write(out / name, data) for name, data in encoded.items()]
     if plots:
         for name, table in ood_scores.items():
             written += _plot_set(out, name, id_scores, table, methods)

@@ -2,7 +2,7 @@
 
 The public API is imported lazily, so ``import clipn_export`` (and ``clipn-export --help``) stays torch-free::
 
-    from clipn_export import export_bundle, build_text_bank, ParityOptions
+    from clipn_export import export_bundle, ExportOptions, build_text_bank, ParityOptions
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 _API = {
     "export_bundle": "clipn_export.exporter",
+    "ExportOptions": "clipn_export.options",
     "ExportResult": "clipn_export.exporter",
     "ParityGateError": "clipn_export.exporter",
     "build_text_bank": "clipn_export.textbank",

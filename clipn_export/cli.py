@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from clipn_export.options import ExportOptions
+from clipn_export.parity import ParityOptions
+from clipn_runtime import clikit
+from clipn_runtime.clikit import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from clipn_runtime.clikit import EXIT_PARTIAL as EXIT_ERROR
 from clipn_runtime.errors import UserError
+from clipn_runtime.prompts import DEFAULT_PROMPTS, PromptSet
+
+if TYPE_CHECKING:
+    from clipn_export.exporter import ExportResult
+    from clipn_train.factory import LoadedCLIPN
 
 log = logging.getLogger("clipn_export")
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: Only clipn-export has this one: the bundle is written but failed the parity gate.
+EXIT_PARITY = 3
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARITY", "EXIT_USAGE", "main"]
 
 HELP = """Export a CLIPN model for a class list as a bundle: one ONNX engine per precision
 (image encoder + the frozen yes/no class banks + the fused CTW/ATD scoring head),
@@ -57,15 +70,13 @@ the text-bank cache keeps finished banks); 1 unexpected error (also: the
 """
 
 
-def _setup_logging(quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("clipn-export: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False
-
-
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(
+    "clipn-export",
+    cls=clikit.Command,
+    help=HELP,
+    interrupted="no bundle written (the text-bank cache keeps finished banks)",
+    extras=("export",),
+)
 @click.option(
     "--checkpoint",
     "-c",
@@ -86,8 +97,8 @@ def _setup_logging(quiet: bool) -> None:
     "-o",
     required=True,
     metavar="DIR",
-    type=click.Path(file_okay=False),
-    help="Bundle directory to write.",
+    type=clikit.OutputPath("dir"),
+    help="Bundle directory to write (checked before any work: it must be a folder that can be created or written).",
 )
 @click.option(
     "--model",
@@ -109,7 +120,7 @@ def _setup_logging(quiet: bool) -> None:
 )
 @click.option(
     "--prompts",
-    default="clipn",
+    default=DEFAULT_PROMPTS,
     show_default=True,
     metavar="clipn|clean|openai|FILE",
     help="Prompt templates: 'clipn' = the 128 official pairs verbatim, 'clean' = the same without the quote "
@@ -150,10 +161,10 @@ def _setup_logging(quiet: bool) -> None:
     "--tensorrt", is_flag=True, help="Also build model.plan with TensorRT ≥ 10 (needs an NVIDIA GPU here)."
 )
 @click.option(
-    "--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read and updated)."
+    "--timing-cache", type=clikit.OutputPath("file"), help="TensorRT timing cache file (read and updated)."
 )
 @click.option(
-    "--triton-repo", type=click.Path(file_okay=False), metavar="DIR", help="Also write a Triton model repository."
+    "--triton-repo", type=clikit.OutputPath("dir"), metavar="DIR", help="Also write a Triton model repository."
 )
 @click.option("--triton-name", default="clipn", show_default=True, help="Model name inside --triton-repo.")
 @click.option(
@@ -179,145 +190,92 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--no-parity", is_flag=True, help="Skip the parity gate (recorded as skipped in clipn.json).")
 @click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False),
+    type=clikit.OutputPath("dir"),
     help="Text-bank cache. Default: $CLIPN_CACHE (else $XDG_CACHE_HOME/clipn-ood or ~/.cache/clipn-ood), then text-banks/.",
 )
 @click.option("--no-cache", is_flag=True, help="Do not read or write the text-bank cache.")
 @click.option(
     "--text-batch-size", default=256, show_default=True, type=int, help="Prompts per text-encoder batch."
 )
-@click.option(
-    "--device", default="cpu", show_default=True, help="Torch device for the text bank and tracing (cpu, cuda)."
+@clikit.device_option(
+    ["auto", "cpu", "cuda", "cuda:N"],
+    "cpu",
+    "Where PyTorch runs (text bank, tracing, the parity reference). auto: the GPU if torch sees one, else the CPU.",
+    why_not={"tensorrt": "the export runs in PyTorch; add --tensorrt to also build a TensorRT plan"},
 )
+@clikit.threads_option("torch and onnxruntime (text bank, tracing, parity gate)")
 @click.option(
     "--overwrite", is_flag=True, help="Replace an existing bundle at -o (and the Triton model directory)."
 )
-@click.option("--quiet", "-q", is_flag=True, help="Only warnings, errors and the parity table.")
-def main(
-    checkpoint: str,
-    classes: str,
-    output: str,
-    model: str,
-    pretrained: str | None,
-    variant: str | None,
-    prompts: str,
-    fp16: bool,
-    int8: bool,
-    uint8_input: bool,
-    open_vocabulary: bool,
-    full_outputs: bool,
-    embeddings: bool,
-    scale: float | None,
-    max_batch: int,
-    opt_batch: int | None,
-    tensorrt: bool,
-    timing_cache: str | None,
-    triton_repo: str | None,
-    triton_name: str,
-    parity_images: int,
-    parity_atol: float,
-    parity_min_rank_fp16: float,
-    parity_min_rank_int8: float,
-    no_parity: bool,
-    cache_dir: str | None,
-    no_cache: bool,
-    text_batch_size: int,
-    device: str,
-    overwrite: bool,
-    quiet: bool,
-) -> None:
-    opts = dict(locals())
-    _setup_logging(quiet)
+@clikit.verbosity_options
+@clikit.version_option
+def main(**params: Any) -> int:
+    request, options = _parse(params)
     start = time.perf_counter()
-    try:
-        code = _run(**opts)
-    except UserError as e:
-        click.echo(f"clipn-export: error: {e}", err=True)
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        click.echo("clipn-export: interrupted; no bundle written", err=True)
-        code = EXIT_INTERRUPTED
+    from clipn_train.cli import torch_threads  # light: click only; torch is imported inside, when used
+
+    with torch_threads(options.threads):
+        code = _run(request, options)
     if code in (EXIT_OK, EXIT_PARITY):
         log.info("done in %.1f s", time.perf_counter() - start)
-    sys.exit(code)
+    return code
 
 
-def _run(**o: object) -> int:
+@dataclass(frozen=True)
+class _Request:
+    """The options that are not :class:`ExportOptions` fields: what to load and where to write, and the parts
+    the CLI turns into fields (--parity-*, --no-cache, -q)."""
+
+    checkpoint: str
+    classes: str
+    output: str
+    model: str
+    pretrained: str | None
+    variant: str | None
+    device: str
+    parity_images: int
+    parity_atol: float
+    parity_min_rank_fp16: float
+    parity_min_rank_int8: float
+    no_parity: bool
+    no_cache: bool
+    quiet: bool
+    verbose: int
+
+
+def _parse(params: dict[str, Any]) -> tuple[_Request, ExportOptions]:
+    """The click parameters (named like the fields) as the request and its :class:`ExportOptions`."""
+    own = set(_Request.__dataclass_fields__)
+    r = _Request(**{k: v for k, v in params.items() if k in own})
+    if r.parity_images < 2:
+        raise UserError("--parity-images must be ≥ 2 (a rank correlation needs at least two images)")
+    parity = ParityOptions(
+        enabled=not r.no_parity,
+        images=r.parity_images,
+        atol=r.parity_atol,
+        min_rank_corr={"fp16": r.parity_min_rank_fp16, "int8": r.parity_min_rank_int8},
+    )
+    fields = {k: v for k, v in params.items() if k not in own}
+    return r, ExportOptions(**fields, parity=parity, progress=not r.quiet)
+
+
+def _run(r: _Request, options: ExportOptions) -> int:
     # Heavy imports here, so that --help and argument errors stay fast.
     from clipn_export.exporter import ParityGateError, export_bundle
     from clipn_export.openvocab_export import OpenVocabularyCheckError
-    from clipn_export.parity import ParityOptions
-    from clipn_export.textbank import default_cache_dir
-    from clipn_runtime.classes import load_classes
-    from clipn_runtime.prompts import load_prompts
 
-    if o["parity_images"] < 2:  # type: ignore[operator]
-        raise UserError("--parity-images must be ≥ 2 (a rank correlation needs at least two images)")
-    if not Path(str(o["checkpoint"])).is_file():
-        raise UserError(f"--checkpoint {o['checkpoint']}: no such file")
-    class_list = load_classes(str(o["classes"]))
-    prompt_set = load_prompts(str(o["prompts"]))
-    if o["tensorrt"]:
-        from clipn_export.tensorrt import require_tensorrt
-
-        require_tensorrt()
-
-    import torch
-
-    from clipn_train.model import create_clipn
-
-    device = str(o["device"])
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
-
-    log.info("loading %s with --model %s", o["checkpoint"], o["model"])
-    loaded = create_clipn(
-        str(o["model"]),
-        o["pretrained"],  # type: ignore[arg-type]
-        variant=o["variant"],  # type: ignore[arg-type]
-        checkpoint=str(o["checkpoint"]),
-        device=device,
-    )
+    class_list, prompt_set, options = _check_inputs(r, options)
+    loaded = _load_model(r)
     log.info(
         "%s CLIPN (%s), %d classes, prompts %s, scale %s",
         loaded.info.variant,
         loaded.info.model_name,
         len(class_list),
         prompt_set.name,
-        o["scale"] if o["scale"] is not None else f"{loaded.model.scale:g} (checkpoint)",
+        options.scale if options.scale is not None else f"{loaded.model.scale:g} (checkpoint)",
     )
-    parity = ParityOptions(
-        enabled=not o["no_parity"],
-        images=int(o["parity_images"]),  # type: ignore[call-overload]
-        atol=float(o["parity_atol"]),  # type: ignore[arg-type]
-        min_rank_corr={"fp16": float(o["parity_min_rank_fp16"]), "int8": float(o["parity_min_rank_int8"])},  # type: ignore[arg-type]
-    )
-    cache_dir = None if o["no_cache"] else (o["cache_dir"] or default_cache_dir())
     try:
-        result = export_bundle(
-            loaded,
-            class_list,
-            str(o["output"]),
-            prompts=prompt_set,
-            fp16=bool(o["fp16"]),
-            int8=bool(o["int8"]),
-            uint8_input=bool(o["uint8_input"]),
-            full_outputs=bool(o["full_outputs"]),
-            embeddings=bool(o["embeddings"]),
-            scale=o["scale"],  # type: ignore[arg-type]
-            max_batch=int(o["max_batch"]),  # type: ignore[call-overload]
-            opt_batch=o["opt_batch"],  # type: ignore[arg-type]
-            tensorrt=bool(o["tensorrt"]),
-            timing_cache=o["timing_cache"],  # type: ignore[arg-type]
-            triton_repo=o["triton_repo"],  # type: ignore[arg-type]
-            triton_name=str(o["triton_name"]),
-            parity=parity,
-            cache_dir=cache_dir,  # type: ignore[arg-type]
-            text_batch_size=int(o["text_batch_size"]),  # type: ignore[call-overload]
-            overwrite=bool(o["overwrite"]),
-            progress=not o["quiet"],
-            open_vocabulary=bool(o["open_vocabulary"]),
-        )
+        result = export_bundle(loaded, class_list, r.output, options)
     except OpenVocabularyCheckError as e:
         click.echo(f"clipn-export: error: {e}", err=True)
         return EXIT_ERROR
@@ -329,6 +287,41 @@ def _run(**o: object) -> int:
             err=True,
         )
         return EXIT_PARITY
+    _print_result(result)
+    return EXIT_OK
+
+
+def _check_inputs(r: _Request, options: ExportOptions) -> tuple[list[str], PromptSet, ExportOptions]:
+    """Every input file, before the model loads: the class list, the prompts (loaded into ``options``), the
+    text-bank cache, TensorRT."""
+    from clipn_export.textbank import default_cache_dir
+    from clipn_runtime.classes import load_classes
+    from clipn_runtime.prompts import load_prompts
+
+    if not Path(r.checkpoint).is_file():
+        raise UserError(f"--checkpoint {r.checkpoint}: no such file")
+    class_list = load_classes(r.classes)
+    prompts = load_prompts(options.prompts) if isinstance(options.prompts, str) else options.prompts
+    if options.tensorrt:
+        from clipn_export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    cache_dir = None if r.no_cache else (options.cache_dir or _usable(default_cache_dir()))
+    return class_list, prompts, replace(options, prompts=prompts, cache_dir=cache_dir)
+
+
+def _load_model(r: _Request) -> LoadedCLIPN:
+    from clipn_train.distributed import pick_device
+    from clipn_train.factory import create_clipn
+
+    log.info("loading %s with --model %s", r.checkpoint, r.model)
+    return create_clipn(
+        r.model, r.pretrained, variant=r.variant, checkpoint=r.checkpoint, device=pick_device(r.device)
+    )
+
+
+def _print_result(result: ExportResult) -> None:
+    """The parity table, the bundle's files, the open-vocabulary check and where Triton's model went."""
     if result.parity is not None:
         click.echo(result.parity.table())
     m = result.manifest
@@ -347,4 +340,13 @@ def _run(**o: object) -> int:
         click.echo(f"triton: {result.triton_dir}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     log.info("stages: %s", stages)
-    return EXIT_OK
+
+
+def _usable(cache: Path) -> Path | None:
+    """The default text-bank cache, or None (no cache) where it cannot be written: a cache is an optimisation,
+    so a read-only home directory must not fail an export after the bank is built."""
+    problem = clikit.output_problem(cache, "dir")
+    if problem is None:
+        return cache
+    log.warning("text-bank cache off: %s (set $CLIPN_CACHE or --cache-dir to keep banks)", problem)
+    return None

@@ -1,7 +1,8 @@
-"""``export_bundle``: a loaded CLIPN model + a class list → a bundle directory (DESIGN §2), gate included.
+"""``export_bundle``: a loaded CLIPN model + a class list → a bundle directory, gate included.
 
 Stages: text bank → ONNX parts (encoder, head, optional uint8 preprocessing) → one fp32 engine and the
-requested fp16/int8 variants → parity gate → optional TensorRT plan → manifest → optional Triton repository.
+requested fp16/int8 variants → parity gate → optional open-vocabulary parts and TensorRT plan → manifest →
+optional Triton repository. What to write is one :class:`~clipn_export.options.ExportOptions`.
 
 The bundle is assembled in a hidden staging directory next to ``out_dir`` and moved into place only when
 complete, so an interrupted or failed export never leaves a half-written bundle (and never destroys an
@@ -12,14 +13,15 @@ in its manifest, for inspection — and then raises :class:`ParityGateError`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.metadata as md
 import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,8 @@ import numpy.typing as npt
 from clipn_export import onnx_export as ox
 from clipn_export import precision as prec
 from clipn_export.head import EMBEDDING_OUTPUT, ScoringHead, normalize_uint8
-from clipn_export.parity import ParityOptions, ParityReport, parity_images, run_parity
+from clipn_export.options import ExportOptions
+from clipn_export.parity import ParityReport, parity_images, run_parity
 from clipn_export.textbank import TextBank, build_text_bank
 from clipn_runtime.bundle import (
     MANIFEST_NAME,
@@ -38,17 +41,20 @@ from clipn_runtime.bundle import (
     ROLE_TEXT_BANK,
     BundleFile,
     Manifest,
+    ModelIdentity,
+    OpenVocabulary,
     Preprocess,
     Scoring,
     hash_entry,
     write_manifest,
 )
+from clipn_runtime.engine import DISABLED_OPTIMIZERS_KEY, EngineSpec, disabled_optimizers_for, open_engine
 from clipn_runtime.errors import UserError
 from clipn_runtime.prompts import PromptSet, load_prompts
 from clipn_runtime.scoring import MCM_TEMPERATURE, MSP_SCALE, Scores, l2_normalize, score_features
 
 if TYPE_CHECKING:
-    from clipn_train.model import LoadedCLIPN
+    from clipn_train.factory import LoadedCLIPN, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +122,53 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _validate(
-    classes: Sequence[str], scale: float | None, max_batch: int, tensorrt: bool, triton_name: str
-) -> None:
+def _validate(classes: Sequence[str], o: ExportOptions) -> None:
     if not classes:
         raise UserError("the class list is empty")
     bad = [i for i, c in enumerate(classes) if not isinstance(c, str) or not c.strip() or "\n" in c]
     if bad:
         raise UserError(f"class names must be non-empty single-line strings (bad entries at {bad[:5]})")
-    if scale is not None and not (np.isfinite(scale) and scale > 0):
-        raise UserError(f"--scale must be a positive number, got {scale}")
-    if max_batch < 1:
-        raise UserError(f"--max-batch must be ≥ 1, got {max_batch}")
-    if tensorrt:
+    if o.scale is not None and not (np.isfinite(o.scale) and o.scale > 0):
+        raise UserError(f"--scale must be a positive number, got {o.scale}")
+    if o.max_batch < 1:
+        raise UserError(f"--max-batch must be ≥ 1, got {o.max_batch}")
+    if o.tensorrt:
         from clipn_export.tensorrt import require_tensorrt
 
         require_tensorrt()
     from clipn_export.triton import check_model_name
 
-    check_model_name(triton_name)
+    check_model_name(o.triton_name)
+
+
+def _options(options: ExportOptions | None, overrides: dict[str, Any]) -> ExportOptions:
+    o = options if options is not None else ExportOptions()
+    unknown = sorted(set(overrides) - set(ExportOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"export_bundle() got unknown options {unknown}; see clipn_export.options.ExportOptions")
+    return replace(o, **overrides)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Records the wall-clock seconds of ``stage`` (a finished one only) in ``seconds``."""
+    t0 = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One export under way: the model, its text bank and prompts, what was asked, and where it is staged."""
+
+    loaded: LoadedCLIPN
+    bank: TextBank
+    prompts: PromptSet
+    options: ExportOptions
+    staging: Path
+    scale: float
+    size: int
+    seconds: dict[str, float]
 
 
 def _reference(
@@ -157,7 +191,7 @@ def _prompts_record(ps: PromptSet, variant: str) -> dict[str, Any]:
         **ps.to_dict(),
         "variant": variant,
         "no_tower_templates": "yes" if variant == "learnable" else "no",
-        "ensembling": "w_c = normalize(sum_t normalize(E(template_t(c)))), yes and no towers (DESIGN §3)",
+        "ensembling": "w_c = normalize(sum_t normalize(E(template_t(c)))), yes and no towers (docs/export.md)",
     }
 
 
@@ -165,98 +199,73 @@ def export_bundle(
     loaded: LoadedCLIPN,
     classes: Sequence[str],
     out_dir: str | Path,
-    *,
-    prompts: str | PromptSet = "clipn",
-    fp16: bool = False,
-    int8: bool = False,
-    uint8_input: bool = False,
-    full_outputs: bool = False,
-    embeddings: bool = False,
-    scale: float | None = None,
-    max_batch: int = 32,
-    opt_batch: int | None = None,
-    tensorrt: bool = False,
-    timing_cache: str | Path | None = None,
-    triton_repo: str | Path | None = None,
-    triton_name: str = "clipn",
-    parity: ParityOptions | None = None,
-    cache_dir: str | Path | None = None,
-    text_batch_size: int = 256,
-    int8_options: prec.Int8Options | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    open_vocabulary: bool = False,
+    options: ExportOptions | None = None,
+    **overrides: Any,
 ) -> ExportResult:
-    """Export ``loaded`` (a :class:`clipn_train.model.LoadedCLIPN`) for ``classes`` into the bundle ``out_dir``.
+    """Export ``loaded`` (a :class:`clipn_train.factory.LoadedCLIPN`) for ``classes`` into the bundle ``out_dir``.
 
-    Always writes the fp32 engine ``model.onnx``; ``fp16``/``int8`` add ``model.fp16.onnx``/``model.int8.onnx``
-    (encoder converted, preprocessing and head fp32); ``tensorrt`` adds ``model.plan`` (needs TensorRT and a
-    GPU). ``scale`` defaults to the checkpoint CLIP's ``exp(logit_scale)``. ``open_vocabulary`` adds the ONNX
-    yes/no text encoders and ``tokenizer.json`` and makes the engines take the class banks as inputs (defaulting
-    to the baked ones), so the runtime can score other class lists (:mod:`clipn_export.openvocab_export`).
-    Raises :class:`ParityGateError` after writing the bundle when the gate fails, :class:`UserError` for bad
-    arguments before any work.
+    ``options`` (:class:`~clipn_export.options.ExportOptions`; default: clipn-export's defaults) says which
+    engines and extras to write; keyword ``overrides`` replace its fields (``export_bundle(m, c, "b/",
+    fp16=True)``). Raises :class:`ParityGateError` after writing the bundle when the gate fails,
+    :class:`UserError` for bad arguments before any work.
     """
+    o = _options(options, overrides)
     out_dir = Path(out_dir)
-    parity = parity if parity is not None else ParityOptions()
-    seconds: dict[str, float] = {}
-    _validate(classes, scale, max_batch, tensorrt, triton_name)
-    if open_vocabulary:
-        from clipn_export.tokenizer_export import check_supported
-
-        check_supported(loaded.tokenizer)
-    _check_out_dir(out_dir, overwrite)
-    triton_dir_planned = Path(triton_repo) / triton_name if triton_repo is not None else None
-    if triton_dir_planned is not None and triton_dir_planned.exists() and not overwrite:
-        raise UserError(f"{triton_dir_planned} already exists; pick another --triton-name or pass --overwrite")
-    ps = load_prompts(prompts) if isinstance(prompts, str) else prompts
+    _check_request(loaded, classes, out_dir, o)
+    ps = load_prompts(o.prompts) if isinstance(o.prompts, str) else o.prompts
     model = loaded.model
-    info = loaded.info
     if model.training:
         model.eval()
-
-    t0 = time.perf_counter()
-    bank = build_text_bank(
-        loaded, list(classes), ps, batch_size=text_batch_size, cache_dir=cache_dir, progress=progress
-    )
-    seconds["text_bank"] = time.perf_counter() - t0
-    s = float(scale) if scale is not None else float(model.scale)
-    size = int(info.image_size)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        result = _assemble(
-            loaded, bank, ps, staging, out_dir, s, size, seconds,
-            fp16=fp16, int8=int8, uint8_input=uint8_input, full_outputs=full_outputs, embeddings=embeddings,
-            max_batch=max_batch, opt_batch=opt_batch, tensorrt=tensorrt, timing_cache=timing_cache,
-            parity=parity, int8_options=int8_options, open_vocabulary=open_vocabulary, progress=progress,
-        )  # fmt: skip
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _replace_dir(staging, out_dir)
-    result.bundle_dir = out_dir
-
-    if triton_repo is not None:
-        from clipn_export.triton import write_triton_repo
-
-        result.triton_dir = _write_triton(
-            result, triton_repo, triton_name, max_batch, overwrite, write_triton_repo
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "text_bank"):
+        bank = build_text_bank(
+            loaded, list(classes), ps, batch_size=o.text_batch_size, cache_dir=o.cache_dir, progress=o.progress
         )
+    scale = float(o.scale) if o.scale is not None else float(model.scale)
+    job = _Job(loaded, bank, ps, o, _staging_dir(out_dir), scale, int(loaded.info.image_size), seconds)
+    try:
+        result = _assemble(job)
+    except BaseException:
+        shutil.rmtree(job.staging, ignore_errors=True)
+        raise
+    _replace_dir(job.staging, out_dir)
+    result.bundle_dir = out_dir
+    if o.triton_repo is not None:
+        result.triton_dir = _write_triton(result, o)
     log.info("bundle written: %s", out_dir)
     if result.parity is not None and not result.parity.passed:
         raise ParityGateError(result)
     return result
 
 
-def _write_triton(
-    result: ExportResult, repo: str | Path, name: str, max_batch: int, overwrite: bool, write: Any
-) -> Path:
+def _check_request(loaded: LoadedCLIPN, classes: Sequence[str], out_dir: Path, o: ExportOptions) -> None:
+    """Every check that needs no work, so that a mistake costs nothing."""
+    _validate(classes, o)
+    if o.open_vocabulary:
+        from clipn_export.tokenizer_export import check_supported
+
+        check_supported(loaded.tokenizer)
+    _check_out_dir(out_dir, o.overwrite)
+    triton_dir = o.triton_dir
+    if triton_dir is not None and triton_dir.exists() and not o.overwrite:
+        raise UserError(f"{triton_dir} already exists; pick another --triton-name or pass --overwrite")
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh hidden directory next to ``out_dir`` (same filesystem: the final move is a rename)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
+
+
+def _write_triton(result: ExportResult, o: ExportOptions) -> Path:
     """Triton serves the plan when there is one, else the fp16, int8 or fp32 ONNX (first present)."""
+    from clipn_export.triton import write_triton_repo
+
+    assert o.triton_repo is not None
     m = result.manifest
     plan = m.file(ROLE_TENSORRT)
     chosen: BundleFile
@@ -265,197 +274,253 @@ def _write_triton(
     else:
         by_precision = {e.precision: e for e in m.engines()}
         chosen = next(by_precision[p] for p in ("fp16", "int8", "fp32") if p in by_precision)
-    return Path(
-        write(
-            repo,
-            name,
-            result.bundle_dir / chosen.path,
-            max_batch=max_batch,
-            inputs=chosen.inputs,
-            outputs=chosen.outputs,
-            classes=m.classes,
-            overwrite=overwrite,
-        )
+    return write_triton_repo(
+        o.triton_repo,
+        o.triton_name,
+        result.bundle_dir / chosen.path,
+        max_batch=o.max_batch,
+        inputs=chosen.inputs,
+        outputs=chosen.outputs,
+        classes=m.classes,
+        overwrite=o.overwrite,
+        tensorrt=m.tensorrt if plan is not None else None,
     )
 
 
-def _assemble(
-    loaded: LoadedCLIPN,
-    bank: TextBank,
-    ps: PromptSet,
-    staging: Path,
-    out_dir: Path,
-    scale: float,
-    size: int,
-    seconds: dict[str, float],
-    *,
-    fp16: bool,
-    int8: bool,
-    uint8_input: bool,
-    full_outputs: bool,
-    embeddings: bool,
-    max_batch: int,
-    opt_batch: int | None,
-    tensorrt: bool,
-    timing_cache: str | Path | None,
-    parity: ParityOptions,
-    int8_options: prec.Int8Options | None,
-    open_vocabulary: bool = False,
-    progress: bool = True,
-) -> ExportResult:
-    info = loaded.info
-    bank.save(staging / TEXT_BANK_FILE)
-
-    t0 = time.perf_counter()
-    head = ScoringHead(bank.yes, bank.no, scale, full_outputs=full_outputs, embeddings=embeddings)
-    head_graph = ox.export_head(head, bank_inputs=open_vocabulary)
-    encoder = ox.export_encoder(loaded.model, size, input_name=ox.PIXELS if uint8_input else ox.IMAGE_INPUT)
-    front = [(ox.PREFIX_PREPROCESS, ox.export_preprocess(info.mean, info.std, size))] if uint8_input else []
-    seconds["onnx_export"] = time.perf_counter() - t0
-
-    precisions = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 else [])
-    engines: list[BundleFile] = []
-    extra_files: list[BundleFile] = []
-    for p in precisions:
-        t0 = time.perf_counter()
-        if p == "fp16":
-            enc = prec.to_fp16(encoder)
-        elif p == "int8":
-            enc = prec.to_int8(encoder, int8_options)
-        else:
-            enc = encoder
-        graph = ox.chain([*front, (ox.PREFIX_ENCODER, enc), (ox.PREFIX_HEAD, head_graph)])
-        if open_vocabulary:  # the baked banks become the bank inputs' defaults
-            ox.add_bank_defaults(graph, head.bank.numpy(), head.bank_no.numpy())
-        name = prec.ENGINE_FILES[p]
-        written = ox.save_model(graph, staging / name)
-        inputs, outputs = ox.graph_signature(graph)
-        meta: dict[str, Any] = {
-            "encoder_precision": p,
-            "head_precision": "fp32",
-            "opset": ox.OPSET,
-            "exporter": ox.EXPORTER,
-            "max_batch": max_batch,
-            "bytes": sum(f.stat().st_size for f in written),
-        }
-        if open_vocabulary:
-            meta["bank_inputs"] = dict(ox.BANK_INPUTS)
-        if p == "int8":
-            meta["quantization"] = {"method": "onnxruntime dynamic", **vars(int8_options or prec.Int8Options())}
-        kw = prec.session_kwargs(p)
-        if kw:
-            meta["onnxruntime_disabled_optimizers"] = kw["disabled_optimizers"]
-        if len(written) > 1:
-            meta["external_data"] = written[1].name
-            extra_files.append(hash_entry(staging, written[1].name, "other", meta={"external_data_of": name}))
-        engines.append(
-            hash_entry(staging, name, ROLE_IMAGE_ENGINE, precision=p, inputs=inputs, outputs=outputs, meta=meta)
-        )
-        seconds[f"engine_{p}"] = time.perf_counter() - t0
-        log.info("engine %s: %s (%.1f MB)", p, name, meta["bytes"] / 1e6)
-
-    report: ParityReport | None = None
-    if parity.enabled:
-        t0 = time.perf_counter()
-        images = parity_images(parity.images, size, parity.seed)
-        pixels = normalize_uint8(images, info.mean, info.std)
-        ref, ref_emb = _reference(loaded, pixels, bank, scale)
-        engine_input = images if uint8_input else pixels
-
-        def runner(path: Path, p: str) -> Any:
-            session = prec.make_session(path, p)
-            names = [o.name for o in session.get_outputs()]
-            return lambda x: dict(zip(names, session.run(None, {ox.IMAGE_INPUT: x}), strict=True))
-
-        report = run_parity(
-            [(e.precision or "fp32", runner(staging / e.path, e.precision or "fp32")) for e in engines],
-            engine_input,
-            ref,
-            ref_emb if embeddings else None,
-            parity,
-        )
-        seconds["parity"] = time.perf_counter() - t0
-
-    trt_info: dict[str, Any] | None = None
-    files = [*engines, *extra_files, hash_entry(staging, TEXT_BANK_FILE, ROLE_TEXT_BANK, meta={"key": bank.key})]
+def _assemble(job: _Job) -> ExportResult:
+    """Every file of the bundle into ``job.staging``, in stages: engines, parity gate, open-vocabulary parts,
+    TensorRT plan, manifest (and the open-vocabulary check, which reads the staged bundle as the runtime will)."""
+    o = job.options
+    job.bank.save(job.staging / TEXT_BANK_FILE)
+    engines, extra_files = _write_engines(job)
+    report = _run_parity_gate(job, engines) if o.parity.enabled else None
+    files = [
+        *engines,
+        *extra_files,
+        hash_entry(job.staging, TEXT_BANK_FILE, ROLE_TEXT_BANK, meta={"key": job.bank.key}),
+    ]
     ov_section = None
-    if open_vocabulary:
+    if o.open_vocabulary:
         from clipn_export.openvocab_export import write_open_vocabulary
 
-        t0 = time.perf_counter()
-        ov_section, ov_files = write_open_vocabulary(loaded, staging)
+        with _timed(job.seconds, "open_vocabulary"):
+            ov_section, ov_files = write_open_vocabulary(job.loaded, job.staging)
         files += ov_files
-        seconds["open_vocabulary"] = time.perf_counter() - t0
-    if tensorrt:
-        from clipn_export.tensorrt import PLAN_FILE, build_engine
+    plan = _build_plan(job) if o.tensorrt else None
+    if plan is not None:
+        files.append(plan)
+    manifest = _manifest(job, files, report, plan, ov_section)
+    write_manifest(job.staging, manifest)
+    if o.open_vocabulary and o.parity.enabled:
+        from clipn_export.openvocab_export import check_open_vocabulary
 
-        t0 = time.perf_counter()
-        sample = (size, size, 3) if uint8_input else (3, size, size)
+        with _timed(job.seconds, "open_vocabulary_parity"):
+            manifest = check_open_vocabulary(job.loaded, job.staging, manifest, job.bank, progress=o.progress)
+            write_manifest(job.staging, manifest)
+    return ExportResult(job.staging, manifest, job.bank, report, seconds=job.seconds)
+
+
+# ---- engines ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The ONNX pieces every engine is chained from: optional uint8 preprocessing, the encoder, the head."""
+
+    front: list[tuple[str, Any]]
+    encoder: Any
+    head: ScoringHead
+    head_graph: Any
+
+
+def _export_parts(job: _Job) -> _Parts:
+    o, info = job.options, job.loaded.info
+    with _timed(job.seconds, "onnx_export"):
+        head = ScoringHead(
+            job.bank.yes, job.bank.no, job.scale, full_outputs=o.full_outputs, embeddings=o.embeddings
+        )
+        head_graph = ox.export_head(head, bank_inputs=o.open_vocabulary)
+        encoder = ox.export_encoder(
+            job.loaded.model, job.size, input_name=ox.PIXELS if o.uint8_input else ox.IMAGE_INPUT
+        )
+        front = (
+            [(ox.PREFIX_PREPROCESS, ox.export_preprocess(info.mean, info.std, job.size))] if o.uint8_input else []
+        )
+    return _Parts(front, encoder, head, head_graph)
+
+
+def _write_engines(job: _Job) -> tuple[list[BundleFile], list[BundleFile]]:
+    """One engine per requested precision; returns their entries and those of any external-data files."""
+    parts = _export_parts(job)
+    engines: list[BundleFile] = []
+    extra_files: list[BundleFile] = []
+    for p in job.options.precisions:
+        with _timed(job.seconds, f"engine_{p}"):
+            engine, extra = _write_engine(job, parts, p)
+        engines.append(engine)
+        extra_files += extra
+        log.info("engine %s: %s (%.1f MB)", p, engine.path, engine.meta["bytes"] / 1e6)
+    return engines, extra_files
+
+
+def _write_engine(job: _Job, parts: _Parts, p: str) -> tuple[BundleFile, list[BundleFile]]:
+    o = job.options
+    if p == "fp16":
+        enc = prec.to_fp16(parts.encoder)
+    elif p == "int8":
+        enc = prec.to_int8(parts.encoder, o.int8_options)
+    else:
+        enc = parts.encoder
+    graph = ox.chain([*parts.front, (ox.PREFIX_ENCODER, enc), (ox.PREFIX_HEAD, parts.head_graph)])
+    if o.open_vocabulary:  # the baked banks become the bank inputs' defaults
+        ox.add_bank_defaults(graph, parts.head.bank.numpy(), parts.head.bank_no.numpy())
+    name = prec.ENGINE_FILES[p]
+    written = ox.save_model(graph, job.staging / name)
+    inputs, outputs = ox.graph_signature(graph)
+    meta = _engine_meta(o, p, written)
+    extra = []
+    if len(written) > 1:
+        meta["external_data"] = written[1].name
+        extra.append(hash_entry(job.staging, written[1].name, "other", meta={"external_data_of": name}))
+    engine = hash_entry(
+        job.staging, name, ROLE_IMAGE_ENGINE, precision=p, inputs=inputs, outputs=outputs, meta=meta
+    )
+    return engine, extra
+
+
+def _engine_meta(o: ExportOptions, p: str, written: Sequence[Path]) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "encoder_precision": p,
+        "head_precision": "fp32",
+        "opset": ox.OPSET,
+        "exporter": ox.EXPORTER,
+        "max_batch": o.max_batch,
+        "bytes": sum(f.stat().st_size for f in written),
+    }
+    if o.open_vocabulary:
+        meta["bank_inputs"] = dict(ox.BANK_INPUTS)
+    if p == "int8":
+        meta["quantization"] = {"method": "onnxruntime dynamic", **vars(o.int8_options or prec.Int8Options())}
+    disabled = disabled_optimizers_for(p)
+    if disabled:  # what every session of this engine must skip (clipn_runtime.engine reads it from here)
+        meta[DISABLED_OPTIMIZERS_KEY] = list(disabled)
+    return meta
+
+
+# ---- parity gate, TensorRT plan -------------------------------------------------------------------------------
+
+
+def _run_parity_gate(job: _Job, engines: list[BundleFile]) -> ParityReport:
+    o, info = job.options, job.loaded.info
+    with _timed(job.seconds, "parity"):
+        images = parity_images(o.parity.images, job.size, o.parity.seed)
+        pixels = normalize_uint8(images, info.mean, info.std)
+        ref, ref_emb = _reference(job.loaded, pixels, job.bank, job.scale)
+
+        def runner(entry: BundleFile) -> Any:
+            # The session clipn-detect --device cpu opens for this engine, from the manifest entry it reads.
+            spec = EngineSpec.from_bundle(job.staging, entry)
+            engine = open_engine(spec, device="cpu", threads=o.threads, log_severity=3)
+            return lambda x: engine.run({ox.IMAGE_INPUT: x})
+
+        return run_parity(
+            [(e.precision or "fp32", runner(e)) for e in engines],
+            images if o.uint8_input else pixels,
+            ref,
+            ref_emb if o.embeddings else None,
+            o.parity,
+        )
+
+
+def _build_plan(job: _Job) -> BundleFile:
+    """``model.plan``'s entry; its ``meta`` is also the manifest's ``tensorrt`` record."""
+    from clipn_export.tensorrt import PLAN_FILE, build_engine
+
+    o = job.options
+    with _timed(job.seconds, "tensorrt"):
+        # Strongly typed, from the engine whose types it keeps (int8 is onnxruntime's dynamic quantisation,
+        # which TensorRT does not take).
+        source = "fp16" if o.fp16 else "fp32"
         built = build_engine(
-            staging / prec.ENGINE_FILES["fp32"],
-            staging / PLAN_FILE,
+            job.staging / prec.ENGINE_FILES[source],
+            job.staging / PLAN_FILE,
             input_name=ox.IMAGE_INPUT,
-            sample_shape=sample,
-            max_batch=max_batch,
-            opt_batch=opt_batch,
-            fp16=fp16,
-            timing_cache=timing_cache,
+            sample_shape=(job.size, job.size, 3) if o.uint8_input else (3, job.size, job.size),
+            max_batch=o.max_batch,
+            opt_batch=o.opt_batch,
+            precision=source,
+            timing_cache=o.timing_cache,
         )
-        trt_info = built.info
-        files.append(
-            hash_entry(
-                staging,
-                PLAN_FILE,
-                ROLE_TENSORRT,
-                precision=built.info["precision"],
-                inputs=built.inputs,
-                outputs=built.outputs,
-                meta=built.info,
-            )
+        return hash_entry(
+            job.staging,
+            PLAN_FILE,
+            ROLE_TENSORRT,
+            precision=built.info["precision"],
+            inputs=built.inputs,
+            outputs=built.outputs,
+            meta=built.info,
         )
-        seconds["tensorrt"] = time.perf_counter() - t0
 
-    manifest = Manifest(
-        model={
-            "name": info.model_name,
-            "config": info.model_config,
-            "pretrained": info.pretrained,
-            "weights_sha256": info.weights_sha256,
-            "checkpoint_sha256": info.checkpoint_sha256,
-            "checkpoint_kind": info.checkpoint_kind,
-            "variant": info.variant,
-            "context_length": info.context_length,
-            "embed_dim": int(bank.yes.shape[1]),
-        },
-        preprocess=Preprocess(
-            image_size=size,
-            mean=tuple(float(v) for v in info.mean),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in info.std),  # type: ignore[arg-type]
-            interpolation=info.interpolation,
-            resize=info.resize_mode,
-            crop="center",
-            input_layout="NHWC" if uint8_input else "NCHW",
-            input_dtype="uint8" if uint8_input else "float32",
-        ),
-        classes=list(bank.classes),
-        prompts=_prompts_record(ps, info.variant),
-        scoring=Scoring(scale=scale, msp_scale=MSP_SCALE, mcm_temperature=MCM_TEMPERATURE),
+
+# ---- manifest ---------------------------------------------------------------------------------------------------
+
+
+def _manifest(
+    job: _Job,
+    files: list[BundleFile],
+    report: ParityReport | None,
+    plan: BundleFile | None,
+    ov_section: OpenVocabulary | None,
+) -> Manifest:
+    info = job.loaded.info
+    return Manifest(
+        model=_model_identity(info, embed_dim=int(job.bank.yes.shape[1])),
+        preprocess=_preprocess(info, job.size, job.options.uint8_input),
+        classes=list(job.bank.classes),
+        prompts=_prompts_record(job.prompts, info.variant),
+        scoring=Scoring(scale=job.scale, msp_scale=MSP_SCALE, mcm_temperature=MCM_TEMPERATURE),
         files=files,
         versions=_versions(),
         parity=report.to_dict() if report is not None else {"passed": None, "skipped": True},
-        tensorrt=trt_info,
+        tensorrt=plan.meta if plan is not None else None,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         open_vocabulary=ov_section,
     )
-    write_manifest(staging, manifest)
-    if open_vocabulary and parity.enabled:
-        from clipn_export.openvocab_export import check_open_vocabulary
-
-        t0 = time.perf_counter()
-        manifest = check_open_vocabulary(loaded, staging, manifest, bank, progress=progress)
-        write_manifest(staging, manifest)
-        seconds["open_vocabulary_parity"] = time.perf_counter() - t0
-    return ExportResult(out_dir, manifest, bank, report, seconds=seconds)
 
 
-__all__ = ["EMBEDDING_OUTPUT", "ExportResult", "ParityGateError", "export_bundle"]
+def _model_identity(info: ModelInfo, *, embed_dim: int) -> ModelIdentity:
+    return ModelIdentity(
+        name=info.model_name,
+        config=info.model_config,
+        pretrained=info.pretrained,
+        weights_sha256=info.weights_sha256,
+        checkpoint_sha256=info.checkpoint_sha256,
+        checkpoint_kind=info.checkpoint_kind,
+        variant=info.variant,
+        context_length=info.context_length,
+        embed_dim=embed_dim,
+        # What the model was loaded from, as clipn-export takes it (files as absolute paths), so that the
+        # re-export command clipn-detect suggests for another class list runs as printed.
+        model_arg=info.model_arg or info.model_name,
+        pretrained_arg=info.pretrained_arg,
+        checkpoint_path=info.checkpoint_path,
+    )
+
+
+def _preprocess(info: ModelInfo, size: int, uint8_input: bool) -> Preprocess:
+    mean, std = (tuple(float(v) for v in values) for values in (info.mean, info.std))
+    if len(mean) != 3 or len(std) != 3:
+        raise UserError(f"the model's preprocessing has mean {mean} and std {std}; RGB needs 3 values each")
+    return Preprocess(
+        image_size=size,
+        mean=(mean[0], mean[1], mean[2]),
+        std=(std[0], std[1], std[2]),
+        interpolation=info.interpolation,
+        resize=info.resize_mode,
+        crop="center",
+        input_layout="NHWC" if uint8_input else "NCHW",
+        input_dtype="uint8" if uint8_input else "float32",
+    )
+
+
+__all__ = ["EMBEDDING_OUTPUT", "ExportOptions", "ExportResult", "ParityGateError", "export_bundle"]

@@ -56,7 +56,7 @@ class ScoringHead(nn.Module):
     """CLIPN's CTW/ATD scores and the baselines from image features against frozen yes/no class banks.
 
     ``bank`` and ``bank_no`` are C×D, L2-normalised here (in fp32, as the reference does) and stored as
-    buffers, which the exporter turns into initialisers. ``scale`` is the ``s`` of DESIGN §3.
+    buffers, which the exporter turns into initialisers. ``scale`` is the ``s`` of docs/math.md.
     """
 
     bank: Tensor

@@ -37,7 +37,7 @@ from clipn_runtime.openvocab import BankBuilder, plan_prompts
 from clipn_runtime.tokenizer import TOKENIZER_FILE, ClipTokenizer
 
 if TYPE_CHECKING:
-    from clipn_train.model import LoadedCLIPN
+    from clipn_train.factory import LoadedCLIPN
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Reduced-precision encoders (fp16, int8) and onnxruntime sessions that load them.
+"""Reduced-precision encoders (fp16, int8).
 
 Only the image-encoder graph is converted (see :mod:`clipn_export.onnx_export`): the preprocessing, the feature
 normalisation and the scoring head stay fp32, because at scale 100 an fp16 cosine error of ~5e-4 would move
@@ -19,16 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 log = logging.getLogger(__name__)
 
 #: Bundle file name per precision (fp32 is the reference engine and is always written).
 ENGINE_FILES: dict[str, str] = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-
-#: onnxruntime's CPU NCHWc layout pass crashes (segfault) on fp16 graphs at full optimisation; sessions for
-#: fp16 engines disable it (onnxruntime 1.32, this machine). Harmless elsewhere: it only exists for CPU.
-FP16_DISABLED_OPTIMIZERS: tuple[str, ...] = ("NchwcTransformer",)
+#: The fp16 converter's clamps (its defaults, written out because the count of clamped weights uses them):
+#: nonzero weights below 1e-7 become ±1e-7 (an fp16 subnormal, so never 0), above 1e4 become ±1e4.
+FP16_MIN_POSITIVE = 1e-7
+FP16_MAX_FINITE = 1e4
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,46 @@ def to_fp16(encoder: onnx.ModelProto) -> onnx.ModelProto:
 
     model = onnx.ModelProto()
     model.CopyFrom(encoder)
-    with warnings.catch_warnings(record=True) as caught:
-        # One UserWarning per weight with 0 < |w| < 1e-7 (flushed to ±1e-7, fp16's subnormal range): counted.
-        warnings.simplefilter("always", UserWarning)
-        converted: onnx.ModelProto = float16.convert_float_to_float16(model, keep_io_types=True)
-    clamped = sum("will be truncated" in str(w.message) for w in caught)
-    for w in caught:
-        if "will be truncated" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if clamped:
-        log.info("fp16: %d tiny weight values (|w| < 1e-7) set to ±1e-7 by the converter", clamped)
+    with warnings.catch_warnings():
+        # The converter warns once per tensor and sign with the extreme value it clamps; the log line below
+        # counts the values it actually changed instead.
+        warnings.filterwarnings("ignore", message=".*will be truncated to", category=UserWarning)
+        converted: onnx.ModelProto = float16.convert_float_to_float16(
+            model, min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX_FINITE, keep_io_types=True
+        )
+    tiny, huge = clamped_weights(encoder, converted)
+    if tiny or huge:
+        log.info(
+            "fp16: the converter set %d weight values with 0 < |w| < %g to ±%g and %d with |w| > %g to ±%g",
+            tiny, FP16_MIN_POSITIVE, FP16_MIN_POSITIVE, huge, FP16_MAX_FINITE, FP16_MAX_FINITE,
+        )  # fmt: skip
     _fix_float_casts(converted.graph)
     return converted
+
+
+def _float_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initialisers and Constant-node values by the name the converter keeps (initialiser / node output)."""
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in (a for a in node.attribute if a.name == "value"):
+                tensors[node.output[0]] = attr.t
+    return tensors
+
+
+def clamped_weights(original: onnx.ModelProto, converted: onnx.ModelProto) -> tuple[int, int]:
+    """How many float32 weight values the fp16 converter clamped: (0 < |w| < min positive, |w| > max finite)."""
+    from onnx import numpy_helper
+
+    now_fp16 = {n for n, t in _float_tensors(converted).items() if t.data_type == onnx.TensorProto.FLOAT16}
+    tiny = huge = 0
+    for name, t in _float_tensors(original).items():
+        if name not in now_fp16 or t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        w = np.abs(numpy_helper.to_array(t))
+        tiny += int(np.count_nonzero((w > 0) & (w < FP16_MIN_POSITIVE)))
+        huge += int(np.count_nonzero((w > FP16_MAX_FINITE) & np.isfinite(w)))
+    return tiny, huge
 
 
 def _fix_float_casts(graph: onnx.GraphProto) -> None:
@@ -110,20 +139,12 @@ class _DropQuantizerChatter(logging.Filter):
         return not (msg.startswith("Please consider to run pre-processing") or record.levelno <= logging.INFO)
 
 
-def session_kwargs(precision: str | None) -> dict[str, Any]:
-    """Extra ``onnxruntime.InferenceSession`` keyword arguments an engine of ``precision`` needs."""
-    if precision == "fp16":
-        return {"disabled_optimizers": list(FP16_DISABLED_OPTIMIZERS)}
-    return {}
-
-
 def make_session(model: str | Path | bytes, precision: str | None = None, *, threads: int = 0) -> Any:
-    """A CPU ``onnxruntime.InferenceSession`` for an engine (with the fp16 workaround where needed)."""
-    import onnxruntime as ort
+    """The onnxruntime session ``clipn-detect --device cpu`` runs for an engine of ``precision`` (tests, tools)."""
+    from clipn_runtime.engine import EngineSpec, OrtEngine, open_engine
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], **session_kwargs(precision))
+    engine = open_engine(
+        EngineSpec(model, precision=precision), device="cpu", threads=threads or None, log_severity=3
+    )
+    assert isinstance(engine, OrtEngine)
+    return engine.session

@@ -1,10 +1,16 @@
-"""``--tensorrt``: a serialized TensorRT engine (``model.plan``) built from the bundle's fp32 ONNX graph.
+"""``--tensorrt``: a serialized TensorRT engine (``model.plan``) built from the bundle's own ONNX engine.
 
-TensorRT 10 API (named I/O tensors, explicit batch only). One optimisation profile on the image input (min 1,
-opt, max ``--max-batch``); with fp16 the builder may run the encoder in fp16 while every layer of the
-preprocessing and the scoring head (node names ``preprocess/…``, ``head/…``) is pinned to fp32 under
-``OBEY_PRECISION_CONSTRAINTS``. A timing cache makes rebuilds fast. The manifest records the TensorRT version,
-the GPU and its compute capability, because a plan only runs where it was built.
+TensorRT 10 and 11 (named I/O tensors, explicit batch only). The network is **strongly typed**: every tensor
+keeps the type the ONNX graph gives it, so the plan computes what the ONNX engine it was built from computes.
+With ``--fp16`` that graph is ``model.fp16.onnx`` (fp16 encoder, fp32 preprocessing and scoring head; the casts
+are in the graph), otherwise ``model.onnx``. TensorRT 11 has no other mode (its precision builder flags and
+per-layer precisions are gone; they were deprecated in 10.12); TensorRT 10 needs the creation flag. The int8
+engine is onnxruntime's dynamic quantisation, which TensorRT does not take: a TensorRT int8 plan needs an
+explicitly quantised (Q/DQ) graph.
+
+One optimisation profile on the image input (min 1, opt, max ``--max-batch``). A timing cache makes rebuilds
+fast; one TensorRT rejects (another version or GPU) is replaced, with a warning. The manifest records the
+TensorRT version, the GPU and its compute capability, because a plan only runs where it was built.
 
 TensorRT cannot be installed everywhere (not on CPU-only machines): it is imported lazily and its absence is a
 clear :class:`~clipn_runtime.errors.UserError` raised *before* any other export work.
@@ -17,18 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipn_export.onnx_export import PREFIX_HEAD, PREFIX_PREPROCESS
 from clipn_runtime.bundle import TensorSpec
 from clipn_runtime.errors import UserError
+from clipn_runtime.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "model.plan"
-#: Node-name prefixes of the layers that must stay fp32 in an fp16 engine.
-FP32_PREFIXES: tuple[str, ...] = (PREFIX_PREPROCESS, PREFIX_HEAD)
+#: TensorRT major versions this builder and the runtime's native engine are written for.
+SUPPORTED_MAJORS: tuple[int, ...] = (10, 11)
 
 INSTALL_HINT = (
-    "--tensorrt needs TensorRT ≥ 10 (Python package `tensorrt`) and an NVIDIA GPU with CUDA: run the export "
+    "--tensorrt needs TensorRT 10 or 11 (Python package `tensorrt`) and an NVIDIA GPU with CUDA: run the export "
     'on the GPU machine that will serve the engine, after `pip install "clipn-ood[tensorrt]"`. '
     "The ONNX engines in the bundle work without it."
 )
@@ -51,8 +57,10 @@ def require_tensorrt() -> Any:
     except ImportError:
         raise UserError(f"TensorRT is not installed here. {INSTALL_HINT}") from None
     major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
+    if major < min(SUPPORTED_MAJORS):
         raise UserError(f"TensorRT {trt.__version__} is too old. {INSTALL_HINT}")
+    if major > max(SUPPORTED_MAJORS):
+        log.warning("TensorRT %s is newer than the versions this exporter knows (10, 11)", trt.__version__)
     gpu_info()
     return trt
 
@@ -79,9 +87,9 @@ def profile_shapes(
     return (1, *sample_shape), (opt, *sample_shape), (max_batch, *sample_shape)
 
 
-def pinned_to_fp32(layer_name: str) -> bool:
-    """Whether a layer (named after its ONNX node by TensorRT's parser) belongs to the fp32 part of the graph."""
-    return layer_name.startswith(FP32_PREFIXES)
+def strongly_typed_flags(trt: Any) -> int:
+    """``create_network`` flags of a strongly typed network (the flag's bit differs between 10 and 11)."""
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def _dtype_name(trt: Any, dtype: Any) -> str:
@@ -104,6 +112,24 @@ def _io_specs(trt: Any, plan: bytes) -> tuple[list[TensorSpec], list[TensorSpec]
     return inputs, outputs
 
 
+def _use_timing_cache(config: Any, path: Path | None) -> None:
+    """Give the build a timing cache: the one in ``path`` when TensorRT accepts it, else a new one."""
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, False):
+        return
+    if data:
+        log.warning(
+            "%s: TensorRT rejected this timing cache (made by another TensorRT version or GPU?); building with "
+            "a new one, which replaces it",
+            path,
+        )
+        cache = config.create_timing_cache(b"")
+        if cache is not None and config.set_timing_cache(cache, False):
+            return
+    raise RuntimeError("TensorRT could not set up a timing cache (see the TensorRT log above)")
+
+
 def build_engine(
     onnx_path: str | Path,
     plan_path: str | Path,
@@ -112,15 +138,16 @@ def build_engine(
     sample_shape: tuple[int, ...],
     max_batch: int,
     opt_batch: int | None = None,
-    fp16: bool = False,
+    precision: str = "fp32",
     timing_cache: str | Path | None = None,
     workspace_gib: float = 4.0,
 ) -> TensorRTBuild:
-    """Build ``plan_path`` from ``onnx_path`` (fp32 graph); returns the plan, its manifest record and I/O."""
+    """Build ``plan_path`` from ``onnx_path`` (the bundle's engine of ``precision``) as a strongly typed network;
+    returns the plan, its manifest record and I/O."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(strongly_typed_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -132,30 +159,8 @@ def build_engine(
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, lo, opt, hi)
     config.add_optimization_profile(profile)
-
-    pinned = 0
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        floats = (trt.float32, trt.float16)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if not pinned_to_fp32(layer.name):
-                continue
-            # Only layers that compute on floats take a precision; shape/index layers keep their int types.
-            outs = [layer.get_output(j) for j in range(layer.num_outputs)]
-            if not any(t is not None and t.dtype in floats for t in outs):
-                continue
-            layer.precision = trt.float32
-            for j, t in enumerate(outs):
-                if t is not None and t.dtype in floats:
-                    layer.set_output_type(j, trt.float32)
-            pinned += 1
-
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, False)
+    _use_timing_cache(config, cache_path)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -164,17 +169,17 @@ def build_engine(
     plan_path = Path(plan_path)
     plan_path.write_bytes(plan)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
 
     inputs, outputs = _io_specs(trt, plan)
     info = {
         "version": str(trt.__version__),
         **gpu_info(),
-        "precision": "fp16" if fp16 else "fp32",
-        "fp32_layers": pinned,
+        "precision": precision,
+        "typing": "strong",
+        "source": Path(onnx_path).name,
         "profile": {"input": input_name, "min": list(lo), "opt": list(opt), "max": list(hi)},
         "plan": plan_path.name,
     }
-    log.info("TensorRT %s engine built: %s (%d layers pinned to fp32)", info["precision"], plan_path, pinned)
+    log.info("TensorRT %s plan built from %s: %s", precision, info["source"], plan_path)
     return TensorRTBuild(plan_path, info, inputs, outputs)

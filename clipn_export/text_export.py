@@ -52,6 +52,9 @@ class TextTowerModule(nn.Module):
     :func:`export_text_encoder` checks that this module equals ``encode_text``/``encode_text_no``.
     """
 
+    #: Declared so that the type checker sees the buffer's type, not nn.Module's ``Tensor | Module`` lookup.
+    mean_prompt: Tensor | None
+
     def __init__(self, model: nn.Module, tower: str) -> None:
         super().__init__()
         if tower not in TEXT_ENCODER_FILES:
@@ -138,17 +141,15 @@ class TextEncoderParity:
 
 def text_encoder_parity(model: nn.Module, tower: str, graph: onnx.ModelProto, tokens: Tensor) -> TextEncoderParity:
     """Compare the exported ``graph`` with the PyTorch tower on ``tokens`` (N × L, L ≤ context)."""
-    import onnxruntime as ort
-
+    from clipn_runtime.engine import open_engine
     from clipn_runtime.scoring import l2_normalize
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    engine = open_engine(graph.SerializeToString(), device="cpu", log_severity=3)
     device = next(model.parameters()).device
     with torch.inference_mode():
         ref = _reference(model, tower, tokens.to(device)).float().cpu().numpy()
-    got = sess.run(None, {TOKENS_INPUT: tokens.cpu().numpy().astype(np.int64)})[0]
+    got = engine.run({TOKENS_INPUT: tokens.cpu().numpy().astype(np.int64)})[FEATURES_OUTPUT]
+    engine.close()
     diff = np.abs(l2_normalize(ref) - l2_normalize(got))
     return TextEncoderParity(float(diff.max()) if diff.size else 0.0, int(tokens.shape[0]))
 

@@ -1,6 +1,6 @@
 """The yes/no class banks: CLIPN's prompt ensembling, computed fast and exactly.
 
-For every class ``c`` and tower (DESIGN §3, the official order of operations)::
+For every class ``c`` and tower (docs/export.md, Text bank: the official order of operations)::
 
     w_c = normalize( Σ_t normalize( E(template_t(c)) ) )
 
@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,8 +40,9 @@ import numpy.typing as npt
 from tqdm.auto import tqdm
 
 from clipn_runtime.errors import UserError
+from clipn_runtime.fileio import atomic_writer
 from clipn_runtime.openvocab import ensemble, fill, plan_prompts
-from clipn_runtime.prompts import PromptSet, load_prompts
+from clipn_runtime.prompts import DEFAULT_PROMPTS, PromptSet, load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +83,8 @@ class TextBank:
 
 
 def _atomic_savez(path: Path, **arrays: npt.ArrayLike) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a bundle file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
 
 
 def default_cache_dir() -> Path:
@@ -186,14 +177,14 @@ def _encode_unique(
 def build_text_bank(
     loaded: Any,
     classes: Sequence[str],
-    prompts: str | PromptSet = "clipn",
+    prompts: str | PromptSet = DEFAULT_PROMPTS,
     *,
     batch_size: int = 256,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     truncate: bool = True,
 ) -> TextBank:
-    """The yes/no banks of ``classes`` for a :class:`clipn_train.model.LoadedCLIPN` (prompt ensembling, §3).
+    """The yes/no banks of ``classes`` for a :class:`clipn_train.factory.LoadedCLIPN` (prompt ensembling, §3).
 
     ``prompts``: a :class:`PromptSet` or a :func:`load_prompts` spec (``clipn``, ``clean``, ``openai``, a file).
     ``cache_dir``: where banks are cached by :func:`bank_key` (``None``: no cache). ``truncate=False``
@@ -268,7 +259,7 @@ def _read_cached(path: Path, classes: Sequence[str]) -> tuple[FloatArray, FloatA
 
 
 def naive_text_bank(
-    loaded: Any, classes: Sequence[str], prompts: str | PromptSet = "clipn", *, progress: bool = False
+    loaded: Any, classes: Sequence[str], prompts: str | PromptSet = DEFAULT_PROMPTS, *, progress: bool = False
 ) -> tuple[FloatArray, FloatArray]:
     """The reference computation: per class, tokenise every template at the full context and encode all of
     them through each tower, normalise, average, normalise. Slow; for tests and the benchmark."""

@@ -9,8 +9,9 @@ A bundle is a directory::
 
 Open-vocabulary bundles (``clipn-export --open-vocabulary``) add ``text_encoder_yes.onnx``,
 ``text_encoder_no.onnx`` and ``tokenizer.json`` (roles ``text_encoder_yes``/``text_encoder_no``/``tokenizer``)
-and the manifest section ``open_vocabulary`` (:class:`OpenVocabulary`); their image engines take the class
-banks as inputs (defaulting to the baked ones), so the runtime can swap in banks for a new class list.
+and the manifest section ``open_vocabulary`` (:class:`OpenVocabulary`), which alone makes a bundle
+open-vocabulary (:attr:`Manifest.is_open_vocabulary`); their image engines take the class banks as inputs
+(defaulting to the baked ones), so the runtime can swap in banks for a new class list.
 
 The runtime refuses a bundle whose manifest format/version it does not know, whose files are missing or do not
 match their sha256, or whose fields are inconsistent — with one message listing every problem and what to do.
@@ -18,7 +19,6 @@ match their sha256, or whose fields are inconsistent — with one message listin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from clipn_runtime.errors import UserError
+from clipn_runtime.fileio import atomic_write
+from clipn_runtime.fileio import sha256_file as sha256_file  # re-exported: part of this module's API
+from clipn_runtime.scoring import FULL_OUTPUTS
 
 BUNDLE_FORMAT = "clipn-bundle"
 BUNDLE_VERSION = 1
@@ -52,6 +55,12 @@ KNOWN_ROLES = frozenset(
 PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_DTYPES = ("float32", "float16", "uint8")
 INPUT_LAYOUTS = ("NCHW", "NHWC")
+#: open_clip's names (``image_transform``): 'random' is train-time only and means bicubic at eval.
+INTERPOLATIONS = ("bicubic", "bilinear", "random")
+RESIZE_MODES = ("shortest", "longest", "squash")
+CROPS = ("center", "centre")
+#: The engines' image input (what the manifest's ``preprocess`` describes).
+IMAGE_INPUT = "image"
 
 
 class BundleError(UserError):
@@ -104,7 +113,7 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class Scoring:
-    """The scale ``s`` of ``l = s·f·Wᵀ`` and the baselines' fixed constants (DESIGN §3)."""
+    """The scale ``s`` of ``l = s·f·Wᵀ`` and the baselines' fixed constants (docs/math.md)."""
 
     scale: float = 100.0
     msp_scale: float = 100.0
@@ -137,6 +146,91 @@ class OpenVocabulary:
 
 
 TOWERS: tuple[str, str] = ("yes", "no")
+#: CLIPN variants (``clipn_train.model.VARIANTS``; the runtime cannot import it).
+VARIANTS: tuple[str, ...] = ("learnable", "handcrafted")
+#: The role each part of an open-vocabulary bundle must have in ``files``.
+TEXT_ENCODER_ROLES: dict[str, str] = {"yes": ROLE_TEXT_ENCODER_YES, "no": ROLE_TEXT_ENCODER_NO}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """``clipn.json``'s ``model`` section: which weights the engines hold and what ``clipn-export`` loaded them
+    from — provenance, never used to score.
+
+    ``name``/``config``: the open_clip model name and its config; ``pretrained``: the base weights' open_clip
+    tag, ``weights_sha256`` the hash of a local weights file; ``checkpoint_sha256``/``checkpoint_kind``: the
+    CLIPN checkpoint (``official``, or ``clipn-ood``: one clipn-train wrote); ``variant``: ``learnable`` or
+    ``handcrafted``.
+
+    ``model_arg``/``pretrained_arg``/``checkpoint_path`` are the export's ``--model``/``--pretrained``/
+    ``--checkpoint`` as given (files as absolute paths), so that a suggested re-export runs as printed. Bundles
+    from before they were recorded have ``model_arg`` ``None`` (:attr:`records_arguments`). Keys this version
+    does not know are kept in ``extra`` and written back unchanged.
+    """
+
+    name: str
+    config: dict[str, Any] | None = None
+    pretrained: str | None = None
+    weights_sha256: str | None = None
+    checkpoint_sha256: str | None = None
+    checkpoint_kind: str | None = None
+    variant: str | None = None
+    context_length: int | None = None
+    embed_dim: int | None = None
+    model_arg: str | None = None
+    pretrained_arg: str | None = None
+    checkpoint_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def records_arguments(self) -> bool:
+        """The export recorded its arguments: ``pretrained_arg`` ``None`` then means none was given."""
+        return self.model_arg is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON section: one key per field, ``extra``'s keys beside them."""
+        d = {f: getattr(self, f) for f in _MODEL_FIELDS}
+        return {**d, **{k: v for k, v in self.extra.items() if k not in d}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelIdentity:
+        known = {k: v for k, v in d.items() if k in _MODEL_FIELDS}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in _MODEL_FIELDS})
+
+
+_MODEL_FIELDS = tuple(f for f in ModelIdentity.__dataclass_fields__ if f != "extra")
+_MODEL_STRINGS = (
+    "pretrained",
+    "weights_sha256",
+    "checkpoint_sha256",
+    "checkpoint_kind",
+    "model_arg",
+    "pretrained_arg",
+    "checkpoint_path",
+)
+
+
+def _model_problems(m: dict[str, Any]) -> list[str]:
+    """Unknown keys are allowed (kept in ``extra``): the section is provenance, so a key a newer exporter adds
+    must not make this runtime refuse a bundle it can run; a known key of the wrong type is refused."""
+    p = []
+    if not (isinstance(m.get("name"), str) and m["name"]):
+        p.append("'model.name' must be the model's name (a non-empty string)")
+    p += [f"'model.{k}' is {m[k]!r}; it must be a string or null" for k in _MODEL_STRINGS if not _opt(m, k, str)]
+    if not _opt(m, "config", dict):
+        p.append("'model.config' must be an object (the open_clip model config) or null")
+    p += [
+        f"'model.{k}' is {m[k]!r}; it must be a positive integer or null"
+        for k in ("context_length", "embed_dim")
+        if m.get(k) is not None and not _is_positive_int(m[k])
+    ]
+    if m.get("variant") is not None and m["variant"] not in VARIANTS:
+        p.append(f"'model.variant' is {m['variant']!r}; it must be one of {', '.join(VARIANTS)} or null")
+    return p
+
+
+def _opt(section: dict[str, Any], key: str, typ: type) -> bool:
+    return section.get(key) is None or isinstance(section[key], typ)
 
 
 def _open_vocabulary_problems(ov: Any) -> list[str]:
@@ -160,13 +254,28 @@ def _open_vocabulary_problems(ov: Any) -> list[str]:
     return p
 
 
+def _open_vocabulary_file_problems(ov: dict[str, Any], files: list[Any]) -> list[str]:
+    """Every file the section names must be listed (hashed, so checked on load) with the role of its part."""
+    roles = {f.get("path"): f.get("role") for f in files if isinstance(f, dict)}
+    wanted = {ov["text_encoders"][t]: TEXT_ENCODER_ROLES[t] for t in TOWERS}
+    wanted[ov["tokenizer"]] = ROLE_TOKENIZER
+    p = []
+    for path, role in wanted.items():
+        if path not in roles:
+            p.append(f"'open_vocabulary' names {path!r}, which 'files' does not list")
+        elif roles[path] != role:
+            p.append(f"'open_vocabulary' names {path!r} as the {role}, but 'files' lists it as {roles[path]!r}")
+    return p
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """``clipn.json``. ``model`` holds the identity of the weights (open_clip name and config, pretrained tag or
-    weights hash, checkpoint hash and kind, variant); ``versions`` what made the bundle; ``parity`` the export
-    gate's measurements; ``tensorrt`` the TensorRT version/GPU a ``model.plan`` was built for."""
+    """``clipn.json``. ``model`` is the identity of the weights (:class:`ModelIdentity`); ``versions`` what made
+    the bundle; ``parity`` the export gate's measurements; ``tensorrt`` the TensorRT version/GPU a
+    ``model.plan`` was built for; ``open_vocabulary`` (:attr:`is_open_vocabulary`) how the runtime computes
+    banks for a new class list."""
 
-    model: dict[str, Any]
+    model: ModelIdentity
     preprocess: Preprocess
     classes: list[str]
     prompts: dict[str, Any]
@@ -182,6 +291,16 @@ class Manifest:
     open_vocabulary: OpenVocabulary | None = None
 
     # -- lookups ---------------------------------------------------------------------------------------
+    @property
+    def is_open_vocabulary(self) -> bool:
+        """The runtime can compute class banks for another class list.
+
+        The ``open_vocabulary`` section alone decides: it is what the runtime needs to do so (which files, which
+        engine inputs take the banks, the context length), and on load every file it names must be listed with
+        its role. Files with those roles but no section do not make a bundle open-vocabulary.
+        """
+        return self.open_vocabulary is not None
+
     def engines(self) -> list[BundleFile]:
         """The ONNX image engines, in manifest order."""
         return [f for f in self.files if f.role == ROLE_IMAGE_ENGINE]
@@ -207,7 +326,10 @@ class Manifest:
 
     # -- (de)serialisation -------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
+        """Strict JSON: a non-finite float (a NaN parity measurement) is written as null, never as a bare NaN
+        that strict parsers reject (and that :meth:`from_dict` would refuse where it matters)."""
+        d = {**asdict(self), "model": self.model.to_dict()}
+        return json.dumps(_finite_or_none(d), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -232,7 +354,7 @@ class Manifest:
         ]
         ov = d.get("open_vocabulary")
         return cls(
-            model=dict(d["model"]),
+            model=ModelIdentity.from_dict(d["model"]),
             preprocess=Preprocess(**pre),
             classes=list(d["classes"]),
             prompts=dict(d["prompts"]),
@@ -248,12 +370,14 @@ class Manifest:
         )
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _schema_problems(d: Any) -> list[str]:
@@ -280,57 +404,137 @@ def _schema_problems(d: Any) -> list[str]:
             p.append(f"'{key}' is missing or not a {typ.__name__}")
     if p:
         return p
+    p.extend(_model_problems(d["model"]))
     classes = d["classes"]
     if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
         p.append("'classes' must be a non-empty list of non-empty strings")
-    pre = d["preprocess"]
-    for key in ("image_size", "mean", "std"):
-        if key not in pre:
-            p.append(f"'preprocess.{key}' is missing")
+    p.extend(_preprocess_problems(d["preprocess"]))
+    p.extend(_scoring_problems(d["scoring"]))
+    for i, f in enumerate(d["files"]):
+        p.extend(_file_problems(i, f, d["preprocess"], len(classes)))
+    if not any(isinstance(f, dict) and f.get("role") == ROLE_IMAGE_ENGINE for f in d["files"]):
+        p.append("no file with role 'image_engine'")
+    ov = d.get("open_vocabulary")
+    if ov is not None:
+        ov_problems = _open_vocabulary_problems(ov)
+        p.extend(ov_problems or _open_vocabulary_file_problems(ov, d["files"]))
+    return p
+
+
+def _is_number(x: Any) -> bool:
+    """A finite JSON number (bool is an int in Python, but ``true`` is not a number in a manifest)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _choice_problem(
+    section: dict[str, Any], key: str, default: str, allowed: tuple[str, ...], where: str
+) -> list[str]:
+    v = section.get(key, default)
+    return [] if v in allowed else [f"'{where}.{key}' is {v!r}; it must be one of {', '.join(allowed)}"]
+
+
+def _preprocess_problems(pre: dict[str, Any]) -> list[str]:
+    """Every value the image transform uses must make sense: a std of 0 makes every score NaN, an unknown
+    interpolation would silently fall back to another one."""
+    p = [f"'preprocess.{key}' is missing" for key in ("image_size", "mean", "std") if key not in pre]
     unknown = set(pre) - set(Preprocess.__dataclass_fields__)
     if unknown:
         p.append(f"'preprocess' has unknown fields {sorted(unknown)}")
-    if not isinstance(pre.get("image_size"), int) or pre.get("image_size", 0) <= 0:
-        p.append("'preprocess.image_size' must be a positive integer")
+    if "image_size" in pre and not _is_positive_int(pre["image_size"]):
+        p.append(f"'preprocess.image_size' is {pre['image_size']!r}; it must be a positive integer")
     for key in ("mean", "std"):
         v = pre.get(key)
-        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
-            p.append(f"'preprocess.{key}' must be 3 numbers")
-    if pre.get("input_dtype", "float32") not in INPUT_DTYPES:
-        p.append(f"'preprocess.input_dtype' must be one of {INPUT_DTYPES}")
-    if pre.get("input_layout", "NCHW") not in INPUT_LAYOUTS:
-        p.append(f"'preprocess.input_layout' must be one of {INPUT_LAYOUTS}")
-    sc = d["scoring"]
+        if key not in pre:
+            continue
+        if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)):
+            p.append(f"'preprocess.{key}' is {v!r}; it must be 3 finite numbers (one per RGB channel)")
+        elif key == "std" and not all(x > 0 for x in v):
+            p.append(f"'preprocess.std' is {v!r}; every value must be > 0 (pixels are divided by it)")
+    p += _choice_problem(pre, "interpolation", "bicubic", INTERPOLATIONS, "preprocess")
+    p += _choice_problem(pre, "resize", "shortest", RESIZE_MODES, "preprocess")
+    p += _choice_problem(pre, "crop", "center", CROPS, "preprocess")
+    p += _choice_problem(pre, "input_dtype", "float32", INPUT_DTYPES, "preprocess")
+    p += _choice_problem(pre, "input_layout", "NCHW", INPUT_LAYOUTS, "preprocess")
+    return p
+
+
+def _scoring_problems(sc: dict[str, Any]) -> list[str]:
+    p = []
     unknown = set(sc) - set(Scoring.__dataclass_fields__)
     if unknown:
         p.append(f"'scoring' has unknown fields {sorted(unknown)}")
     for key, v in sc.items():
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            p.append(f"'scoring.{key}' must be a positive number")
-    for i, f in enumerate(d["files"]):
-        if not isinstance(f, dict) or not all(isinstance(f.get(k), str) for k in ("path", "sha256", "role")):
-            p.append(f"'files[{i}]' needs string 'path', 'sha256' and 'role'")
-            continue
-        if f["role"] not in KNOWN_ROLES:
-            p.append(f"'files[{i}]' ({f['path']}) has unknown role {f['role']!r}")
-        if f.get("precision") is not None and f["precision"] not in PRECISIONS:
-            p.append(f"'files[{i}]' ({f['path']}) has unknown precision {f['precision']!r}")
-        if Path(f["path"]).is_absolute() or ".." in Path(f["path"]).parts:
-            p.append(f"'files[{i}]' path {f['path']!r} must be relative and inside the bundle")
-    if not any(isinstance(f, dict) and f.get("role") == ROLE_IMAGE_ENGINE for f in d["files"]):
-        p.append("no file with role 'image_engine'")
-    if d.get("open_vocabulary") is not None:
-        p.extend(_open_vocabulary_problems(d["open_vocabulary"]))
+        if not _is_number(v) or v <= 0:
+            p.append(f"'scoring.{key}' is {v!r}; it must be a finite number > 0")
+    return p
+
+
+def _tensor_problems(where: str, specs: Any) -> list[str]:
+    if not isinstance(specs, list):
+        return [f"{where} must be a list"]
+    p = []
+    for j, t in enumerate(specs):
+        ok = (
+            isinstance(t, dict)
+            and set(t) == {"name", "shape", "dtype"}
+            and isinstance(t["name"], str)
+            and isinstance(t["dtype"], str)
+            and isinstance(t["shape"], list)
+            and all(
+                isinstance(a, str) or (isinstance(a, int) and not isinstance(a, bool) and a >= 0)
+                for a in t["shape"]
+            )
+        )
+        if not ok:
+            p.append(f"{where}[{j}] must be {{'name': str, 'shape': [int or name, ...], 'dtype': str}}")
+    return p
+
+
+def _image_input_problems(where: str, inputs: list[dict[str, Any]], pre: dict[str, Any]) -> list[str]:
+    """The engine's image input, as the manifest lists it, must be the shape ``preprocess`` produces."""
+    spec = next((t for t in inputs if t["name"] == IMAGE_INPUT), None)
+    size, layout = pre.get("image_size"), pre.get("input_layout", "NCHW")
+    if spec is None or not _is_positive_int(size) or layout not in INPUT_LAYOUTS:
+        return []
+    want = [3, size, size] if layout == "NCHW" else [size, size, 3]
+    shape = spec["shape"]
+    if len(shape) != 4 or any(isinstance(a, int) and a != b for a, b in zip(shape[1:], want, strict=True)):
+        return [
+            f"{where} input {IMAGE_INPUT!r} has shape {shape}, but 'preprocess' makes [batch, {want}] ({layout})"
+        ]
+    return []
+
+
+def _file_problems(i: int, f: Any, pre: dict[str, Any], n_classes: int) -> list[str]:
+    if not isinstance(f, dict) or not all(isinstance(f.get(k), str) for k in ("path", "sha256", "role")):
+        return [f"'files[{i}]' needs string 'path', 'sha256' and 'role'"]
+    where = f"'files[{i}]' ({f['path']})"
+    p = []
+    if f["role"] not in KNOWN_ROLES:
+        p.append(f"{where} has unknown role {f['role']!r}")
+    if f.get("precision") is not None and f["precision"] not in PRECISIONS:
+        p.append(f"{where} has unknown precision {f['precision']!r}")
+    if Path(f["path"]).is_absolute() or ".." in Path(f["path"]).parts:
+        p.append(f"'files[{i}]' path {f['path']!r} must be relative and inside the bundle")
+    for key in ("inputs", "outputs"):
+        p.extend(_tensor_problems(f"{where} '{key}'", f.get(key, [])))
+    if p or f["role"] != ROLE_IMAGE_ENGINE:
+        return p
+    p.extend(_image_input_problems(where, f.get("inputs", []), pre))
+    for t in f.get("outputs", []):
+        shape = t["shape"]
+        if t["name"] in FULL_OUTPUTS and len(shape) == 2 and isinstance(shape[1], int) and shape[1] != n_classes:
+            p.append(f"{where} output {t['name']!r} has {shape[1]} classes, 'classes' lists {n_classes}")
     return p
 
 
 def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
-    """Write ``clipn.json`` (atomically: temp file then rename, so a crash never leaves half a manifest)."""
-    out = Path(bundle_dir) / MANIFEST_NAME
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    """Write ``clipn.json`` atomically, so a crash never leaves half a manifest."""
+    return atomic_write(Path(bundle_dir) / MANIFEST_NAME, manifest.to_json())
 
 
 def hash_entry(bundle_dir: str | Path, path: str, role: str, **kw: Any) -> BundleFile:
@@ -354,7 +558,12 @@ def load_manifest(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Mani
         raise BundleError(f"{mf}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
         raise BundleError(f"{mf}:{e.lineno}: not valid JSON ({e.msg}); re-export the bundle") from None
-    manifest = Manifest.from_dict(raw)
+    try:
+        manifest = Manifest.from_dict(raw)
+    except BundleError as e:
+        raise BundleError(
+            f"{root}: {e}\nre-export the bundle with clipn-export (or fix {MANIFEST_NAME})"
+        ) from None
     problems: list[str] = []
     for f in manifest.files:
         path = root / f.path

@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from tqdm import tqdm
 
+from clipn_runtime import clikit
+from clipn_runtime.clikit import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from clipn_runtime.clikit import EXIT_PARTIAL as EXIT_SOME_FAILED
 from clipn_runtime.errors import UserError
 
 if TYPE_CHECKING:
-    from clipn_runtime.output import Tally
+    from clipn_runtime.detector import Detector
+    from clipn_runtime.inputs import InputItem
+    from clipn_runtime.output import Results, RunInfo, Tally
+    from clipn_runtime.prompts import PromptSet
+    from clipn_runtime.video import VideoError
 
 log = logging.getLogger("clipn_runtime")
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+__all__ = ["EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "main"]
 
 HELP = """Score images and videos for out-of-distribution content with a clipn-ood bundle.
 
@@ -61,25 +68,6 @@ rerun with --resume).
 """
 
 
-def _setup_logging(verbose: int, quiet: bool) -> Callable[[], None]:
-    """Send clipn_runtime's log to stderr for this command; returns what undoes it (main() may be called
-    in-process, by tests or other apps)."""
-    saved = (list(log.handlers), log.level, log.propagate)
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("clipn-detect: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-
-    def restore() -> None:
-        log.handlers[:] = saved[0]
-        log.setLevel(saved[1])
-        log.propagate = saved[2]
-
-    return restore
-
-
 @dataclass(frozen=True)
 class DetectOptions:
     """Everything one ``clipn-detect`` invocation was asked for (the click options, by name)."""
@@ -106,7 +94,7 @@ class DetectOptions:
     verbose: int
 
 
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("clipn-detect", cls=clikit.Command, help=HELP)
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUTS...")
 @click.option(
     "-e",
@@ -144,7 +132,13 @@ class DetectOptions:
     type=click.Choice(["jsonl", "csv", "table"]),
     help="Output format. Default: from -o's extension, else a table on a terminal and JSONL when piped.",
 )
-@click.option("-o", "--output", metavar="FILE", help="Write results here instead of stdout.")
+@click.option(
+    "-o",
+    "--output",
+    metavar="FILE",
+    type=clikit.OutputPath("file"),
+    help="Write results here instead of stdout (checked before any work: its folder must be writable).",
+)
 @click.option(
     "--resume", is_flag=True, help="Append to -o FILE, skipping inputs (and video frames) already in it."
 )
@@ -153,20 +147,19 @@ class DetectOptions:
 @click.option(
     "-b", "--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Images per batch."
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-    default="auto",
-    show_default=True,
-    help="auto: the bundle's TensorRT plan if it runs here, else onnxruntime with TensorRT → CUDA → CPU as "
-    "available (GPUs need onnxruntime-gpu).",
+@clikit.device_option(
+    ["auto", "cpu", "cuda", "tensorrt"],
+    "auto",
+    "Where the engine runs. auto: the bundle's TensorRT plan if it runs here, else onnxruntime with TensorRT → "
+    "CUDA → CPU as available (GPUs need onnxruntime-gpu).",
+    why_not=clikit.GPU_BY_ENVIRONMENT,
 )
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16", "int8"]),
     help="Which of the bundle's engines to run. Default: the first one it lists.",
 )
-@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads. Default: all cores.")
+@clikit.threads_option("onnxruntime")
 @click.option(
     "--workers", type=click.IntRange(1), help="Image decoding threads (overlapped with inference). Default: ≤ 4."
 )
@@ -184,54 +177,90 @@ class DetectOptions:
     type=click.IntRange(1),
     help="Refuse larger images as decompression bombs. Default: Pillow's limit (about 89 million pixels).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr (and the summary).")
-@click.option("-v", "--verbose", count=True, help="Debug logging.")
-def main(**options: Any) -> None:
-    o = DetectOptions(**options)
-    restore_logging = _setup_logging(o.verbose, o.quiet)
+@clikit.verbosity_options
+@clikit.version_option
+def main(**options: Any) -> int:
+    # clikit.Command turns UserError, Ctrl-C and a closed stdout into one line and the documented exit code.
+    with _pil_limits():
+        return _run(DetectOptions(**options))
+
+
+@contextlib.contextmanager
+def _pil_limits() -> Iterator[None]:
+    """PIL's bomb limit and warning filter are process-wide; a run may change them (--max-pixels), so they are
+    put back afterwards for an app that calls main() in-process."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
     try:
-        code = _run(o)
-    except UserError as e:
-        click.echo(f"clipn-detect: error: {e}", err=True)
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        click.echo("clipn-detect: interrupted", err=True)
-        code = EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader of stdout went away (`| head`): stop quietly, as Unix tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_SOME_FAILED
+        with warnings.catch_warnings():
+            yield
     finally:
-        restore_logging()
-    sys.exit(code)
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+@dataclass
+class _Plan:
+    """What one run will do, checked before the engine loads (so a mistake costs nothing)."""
+
+    results: Results
+    items: Iterator[InputItem]  # streamed: a folder of millions of files is never listed in memory
+    names: list[str]
+    prompt_set: PromptSet | None
+    run_info: RunInfo
 
 
 def _run(o: DetectOptions) -> int:
     # Imported here so that `clipn-detect --help` stays instant.
+    from clipn_runtime.output import Tally, stdout_is_tty
+
+    plan = _plan(o)
+    # Whatever ends the run (done, Ctrl-C, a write that fails), the engine is released, the output closed and
+    # its lock let go.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(plan.results.close)
+        detector = _open_detector(o, plan)
+        cleanup.callback(detector.close)
+        tally = Tally()
+        bar = cleanup.enter_context(
+            tqdm(
+                unit="img",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                # records on a terminal already show progress; a bar would interleave with them
+                disable=True if o.quiet or (not o.output and stdout_is_tty()) else None,
+            )
+        )
+        t0 = time.perf_counter()
+        try:
+            _score(o, detector, plan, tally, bar)
+        except KeyboardInterrupt:
+            _finish(bar, plan.results, o.output, tally, t0, detector.engine.describe())
+            where = f"; rerun with --resume -o {o.output} to continue" if o.output else ""
+            click.echo(f"clipn-detect: interrupted — every finished result is written{where}", err=True)
+            return EXIT_INTERRUPTED
+        _finish(bar, plan.results, o.output, tally, t0, detector.engine.describe())
+    return EXIT_SOME_FAILED if tally.errors else EXIT_OK
+
+
+def _plan(o: DetectOptions) -> _Plan:
+    """Every check that needs no engine: output, inputs, bundle, classes, prompts, --resume's provenance."""
     from PIL import Image
 
     from clipn_runtime.bundle import load_manifest
     from clipn_runtime.classes import load_classes
-    from clipn_runtime.detector import Detection, Detector
-    from clipn_runtime.inputs import check_list_files, expand_inputs
+    from clipn_runtime.inputs import check_list_files, expand_inputs, require_inputs
     from clipn_runtime.openvocab import open_vocabulary_spec
-    from clipn_runtime.output import Done, Tally, choose_format, is_nonempty_file, make_writer, read_done
+    from clipn_runtime.output import Results, RunInfo, choose_format, stdout_is_tty
     from clipn_runtime.prompts import load_prompts
-    from clipn_runtime.video import VideoError
     from clipn_runtime.vocab import check_classes
 
     if not o.bundle:
         raise UserError("no bundle: pass --engine DIR (a directory written by clipn-export) or set CLIPN_ENGINE")
-    fmt = choose_format(o.fmt, o.output, sys.stdout.isatty())
-    if o.resume and not o.output:
-        raise UserError("--resume continues an earlier -o FILE; pass the same -o FILE as that run")
-    if o.resume and o.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
-    if o.output and not o.resume and not o.overwrite and is_nonempty_file(o.output):
-        raise UserError(
-            f"{o.output} already has results; add --resume to continue that run or --overwrite to replace it"
-        )
+    fmt = choose_format(o.fmt, o.output, stdout_is_tty())
+    results = Results(o.output, fmt, resume=o.resume, overwrite=o.overwrite)
     check_list_files(o.inputs)
+    items = require_inputs(expand_inputs(o.inputs, recursive=o.recursive), recursive=o.recursive)
     # This run records decompression bombs as error records; PIL's warning about them would only be noise, and
     # PIL's own hard limit must not undercut a higher --max-pixels.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -246,10 +275,27 @@ def _run(o: DetectOptions) -> int:
         check_classes(manifest, names, bundle_dir=o.bundle, classes_file=o.classes)
     prompt_set = load_prompts(o.prompts) if o.prompts is not None else None
     if prompt_set is not None:
-        open_vocabulary_spec(manifest, o.bundle)
-    done = read_done(o.output, fmt) if o.resume and o.output else Done()
-    if o.resume and len(done):
-        log.info("resuming %s: %d records already there", o.output, len(done))
+        open_vocabulary_spec(manifest, o.bundle, o.classes)
+    run_info = RunInfo.create(
+        o.bundle,
+        manifest,
+        names,
+        output_format=fmt,
+        method=o.method,
+        precision=o.precision,
+        prompts=prompt_set,
+        smoothing=o.smoothing,
+        every=o.every,
+    )
+    results.check(run_info)  # --resume: same setup as the earlier records, before the engine loads
+    return _Plan(results, items, names, prompt_set, run_info)
+
+
+def _open_detector(o: DetectOptions, plan: _Plan) -> Detector:
+    """The engine, the run's class banks, and the results file opened with the provenance of both."""
+    from clipn_runtime.detector import Detector
+
+    assert o.bundle is not None  # _plan refused a run without one
     detector = Detector(
         o.bundle,
         device=o.device,
@@ -259,82 +305,79 @@ def _run(o: DetectOptions) -> int:
         precision=o.precision,
         decode_workers=o.workers,
         max_pixels=o.max_pixels,
-        verify_hashes=False,  # load_manifest above just checked them
+        verify_hashes=False,  # _plan's load_manifest just checked them
     )
     try:
-        detector.set_classes(names, prompt_set, source=o.classes or "classes", progress=not o.quiet)
+        detector.set_classes(plan.names, plan.prompt_set, source=o.classes or "classes", progress=not o.quiet)
+        plan.results.open(
+            plan.run_info.with_engine(detector.engine_file),
+            bundle_dir=o.bundle,
+            runner=detector.engine.describe(),
+        )
     except BaseException:
         detector.close()
         raise
-    fh: IO[str]
-    if o.output:
-        Path(o.output).parent.mkdir(parents=True, exist_ok=True)
-        fh = open(o.output, "a" if o.resume else "w", encoding="utf-8", newline="")  # noqa: SIM115 (_finish closes it)
-    else:
-        fh = sys.stdout
-    writer = make_writer(fmt, fh, csv_header=not (o.resume and is_nonempty_file(o.output or "")))
-    tally = Tally()
-    bar = tqdm(
-        unit="img",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        # records on a terminal already show progress; a bar would interleave with them
-        disable=True if o.quiet or (not o.output and sys.stdout.isatty()) else None,
-    )
-    t0 = time.perf_counter()
+    return detector
+
+
+def _score(o: DetectOptions, detector: Detector, plan: _Plan, tally: Tally, bar: tqdm) -> None:
+    """Images in batches, videos frame by frame; every finished batch is written before the next starts."""
+    from clipn_runtime.detector import Detection
+    from clipn_runtime.video import VideoError
+
+    results = plan.results
 
     def emit(batch: list[Detection]) -> None:
         if batch:
-            writer.write_batch(batch)
+            results.write(batch)
             for d in batch:
                 tally.add(d)
             bar.update(len(batch))
 
     def not_done(path: str) -> bool:
-        if done.has(path):
-            tally.skipped += 1
-            return False
-        return True
+        if results.claim(path):
+            return True
+        tally.skipped += 1
+        return False
 
-    try:
-        for kind, group in itertools.groupby(
-            expand_inputs(o.inputs, recursive=o.recursive), key=lambda it: it.kind
-        ):
-            if kind == "image":
-                for batch in detector.iter_batches(it.path for it in group if not_done(it.path)):
-                    emit(batch)
+    for kind, group in itertools.groupby(plan.items, key=lambda it: it.kind):
+        if kind == "image":
+            for batch in detector.iter_batches(it.path for it in group if not_done(it.path)):
+                emit(batch)
+            continue
+        for item in group:
+            if not not_done(item.path):
                 continue
-            for item in group:
-                if not not_done(item.path):
-                    continue
-                try:
-                    for batch in detector.iter_video_batches(
-                        item.path,
-                        every=o.every,
-                        smoothing=o.smoothing,
-                        skip_frames=done.frames.get(item.path, set()),
-                    ):
-                        emit(batch)
-                except VideoError as e:
-                    emit([Detection.failed(item.path, o.method, str(e))])
-    except KeyboardInterrupt:
-        _finish(bar, fh, o.output, tally, t0, detector.engine.describe())
-        where = f"; rerun with --resume -o {o.output} to continue" if o.output else ""
-        click.echo(f"clipn-detect: interrupted — every finished result is written{where}", err=True)
-        return EXIT_INTERRUPTED
-    _finish(bar, fh, o.output, tally, t0, detector.engine.describe())
-    detector.close()
-    if tally.scored + tally.errors + tally.skipped == 0:
-        log.warning("no inputs found")
-    return EXIT_SOME_FAILED if tally.errors else EXIT_OK
+            done = results.frames(item.path)
+            scored = 0
+            try:
+                for batch in detector.iter_video_batches(
+                    item.path,
+                    every=o.every,
+                    smoothing=o.smoothing,
+                    skip_frames=done,
+                    smoothing_seed=results.smoothed(item.path),
+                ):
+                    emit(batch)
+                    scored += len(batch)
+            except VideoError as e:
+                emit([Detection.failed(item.path, o.method, _video_failure(e, scored + len(done)))])
 
 
-def _finish(bar: tqdm, fh: IO[str], output: str | None, tally: Tally, t0: float, engine: str) -> None:
+def _video_failure(e: VideoError, frames_written: int) -> str:
+    """The error record of a video that failed: why, and (when it broke mid-way) that its earlier frames are
+    kept and --resume tries it again."""
+    if not frames_written:
+        return str(e)
+    return (
+        f"{e}; the {frames_written} frame(s) scored before that are in the results — --resume tries this video "
+        "again, skipping them"
+    )
+
+
+def _finish(bar: tqdm, results: Results, output: str | None, tally: Tally, t0: float, engine: str) -> None:
     bar.close()
-    if output:
-        fh.close()
-    else:
-        fh.flush()
+    results.close()  # before the summary: a failed final flush is reported instead of it
     click.echo(f"clipn-detect: {tally.line(time.perf_counter() - t0, engine)}", err=True)
     if output:
         click.echo(f"clipn-detect: results in {os.fspath(output)}", err=True)

@@ -17,6 +17,7 @@ flat memory. A bad input (unreadable, truncated, not an image, a decompression b
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
@@ -29,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from clipn_runtime.bundle import ROLE_TENSORRT, ROLE_TEXT_BANK, TOWERS, BundleError, Manifest, load_manifest
-from clipn_runtime.engine import DEVICES, Engine, EngineError, OrtEngine, TensorRTEngine, tensorrt_importable
+from clipn_runtime.engine import DEVICES, Engine, EngineError, EngineSpec, open_engine, tensorrt_importable
+from clipn_runtime.inputs import path_fields, printable
 from clipn_runtime.preprocess import ImageDecodeError, Preprocessor, open_image
 from clipn_runtime.prompts import PromptSet, load_prompts
 from clipn_runtime.scoring import DECISION_METHODS, FULL_OUTPUTS, METHODS, SCALAR_OUTPUTS
@@ -102,13 +104,25 @@ class Detection:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record: the issue's fields, plus ``frame``/``time`` for video frames and the smoothing
-        fields when smoothing is on."""
-        d = {k: getattr(self, k) for k in RECORD_FIELDS}
+        fields when smoothing is on. Every string is valid UTF-8: a file name that is not gets its undecodable
+        bytes escaped in ``path`` and its exact bytes in ``path_b64`` (base64)."""
+        d: dict[str, Any] = {"path": None} if self.path is None else path_fields(self.path)
+        d.update({k: getattr(self, k) for k in RECORD_FIELDS if k != "path"})
+        if self.error is not None:
+            d["error"] = printable(self.error)
         if self.frame is not None:
             d.update({k: getattr(self, k) for k in VIDEO_FIELDS})
         if self.ood_score_smooth is not None:
             d.update({k: getattr(self, k) for k in SMOOTH_FIELDS})
         return d
+
+
+def _nonfinite_message(values: list[str]) -> str:
+    return (
+        f"the engine returned non-finite scores ({', '.join(values)}), so no decision was made; the bundle is "
+        "broken (check 'preprocess' and 'scoring' in its clipn.json, or re-export it) or this precision "
+        "overflows (try --precision fp32)"
+    )
 
 
 @dataclass
@@ -176,8 +190,7 @@ class Detector:
                 "the PyTorch model",
                 self.bundle_dir,
             )
-        notes = getattr(self.engine, "fallback_notes", [])
-        log.info("engine: %s%s", self.engine.describe(), "".join(f" — {n}" for n in notes))
+        log.info("engine: %s%s", self.engine.describe(), "".join(f" — {n}" for n in self.engine.fallback_notes))
 
     # -- setup ----------------------------------------------------------------------------------------------
     def _open_engine(
@@ -187,7 +200,8 @@ class Detector:
         if plan is not None and device in ("auto", "tensorrt"):
             if tensorrt_importable():
                 try:
-                    return TensorRTEngine(self.bundle_dir / plan.path, self.manifest.tensorrt)
+                    spec = EngineSpec.from_bundle(self.bundle_dir, plan, built_for=self.manifest.tensorrt)
+                    return open_engine(spec, device=device)
                 except EngineError as e:
                     if device == "tensorrt":
                         raise
@@ -195,14 +209,13 @@ class Detector:
             elif device == "tensorrt":
                 log.info("tensorrt/pycuda not installed: running the ONNX engine with onnxruntime's TensorRT EP")
         onnx_file = self.manifest.engine(precision)
-        return OrtEngine(
-            self.bundle_dir / onnx_file.path,
+        return open_engine(
+            EngineSpec.from_bundle(self.bundle_dir, onnx_file),
             device=device,
             threads=threads,
-            precision=onnx_file.precision,
             # Open-vocabulary engines take the class banks as initialisers that are also inputs, and onnxruntime
             # warns about each at load; that is the design here, not a problem to report.
-            log_severity=3 if self.manifest.open_vocabulary is not None else None,
+            log_severity=3 if self.manifest.is_open_vocabulary else None,
         )
 
     def _validate(self) -> None:
@@ -215,17 +228,16 @@ class Detector:
         missing = [n for n in SCALAR_OUTPUTS if n not in self.engine.output_names]
         if missing:
             problems.append(f"the engine lacks outputs {missing}")
-        specs = self.engine.output_specs() if isinstance(self.engine, OrtEngine) else {}
+        outputs = self.engine.output_specs()
         for name in FULL_OUTPUTS:
-            shape = specs.get(name, ([], ""))[0]
+            shape = outputs[name].shape if name in outputs else []
             if len(shape) == 2 and isinstance(shape[1], int) and shape[1] != c:
                 problems.append(f"output {name!r} has {shape[1]} classes, the manifest lists {c}")
-        if isinstance(self.engine, OrtEngine):
-            shape, typ = self.engine.input_specs().get(_INPUT, ([], ""))
-            pre = self.manifest.preprocess
-            want_t = {"float32": "tensor(float)", "float16": "tensor(float16)", "uint8": "tensor(uint8)"}
-            if typ and typ != want_t[pre.input_dtype]:
-                problems.append(f"input {_INPUT!r} is {typ}, the manifest says {pre.input_dtype}")
+        image = self.engine.input_specs().get(_INPUT)
+        if image is not None:
+            shape, pre = image.shape, self.manifest.preprocess
+            if image.dtype != pre.input_dtype:
+                problems.append(f"input {_INPUT!r} is {image.dtype}, the manifest says {pre.input_dtype}")
             s = pre.image_size
             want = [3, s, s] if pre.input_layout == "NCHW" else [s, s, 3]
             if len(shape) != 4 or any(isinstance(a, int) and a != b for a, b in zip(shape[1:], want, strict=True)):
@@ -277,7 +289,7 @@ class Detector:
         if self._bank_builder is None:
             from clipn_runtime.openvocab import BankBuilder
 
-            self._bank_builder = BankBuilder(self.bundle_dir, self.manifest, threads=self.threads)
+            self._bank_builder = BankBuilder(self.bundle_dir, self.manifest, device=self.device, threads=self.threads)
         banks = self._bank_builder.banks(names, ps, progress=progress)
         self._ensure_bank_inputs()
         spec = self._bank_builder.spec
@@ -301,12 +313,13 @@ class Detector:
         wanted = [self._bank_builder.spec.bank_inputs[t] for t in TOWERS]
 
         def takes_banks() -> bool:
-            names = set(self.engine.input_names) | set(getattr(self.engine, "optional_input_names", ()))
+            names = set(self.engine.input_names) | set(self.engine.optional_input_names)
             return all(n in names for n in wanted)
 
         if takes_banks():
             return
-        if isinstance(self.engine, TensorRTEngine):
+        plan = self.manifest.file(ROLE_TENSORRT)
+        if plan is not None and self.engine.path == self.bundle_dir / plan.path:
             log.warning(
                 "the bundle's TensorRT plan has its classes built in; running its ONNX engine with onnxruntime "
                 "for the new class list"
@@ -319,6 +332,12 @@ class Detector:
             f"{self.bundle_dir}: the image engine has no class-bank inputs {wanted} (inputs: "
             f"{', '.join(self.engine.input_names)}); re-export the bundle with clipn-export --open-vocabulary"
         )
+
+    @property
+    def engine_file(self) -> str:
+        """The bundle file the engine runs (``model.onnx``, ``model.fp16.onnx``, ``model.plan``)."""
+        path = self.engine.path
+        return path.name if path is not None else self.engine.describe()
 
     @property
     def provider(self) -> str:
@@ -363,6 +382,10 @@ class Detector:
                 continue
             row: dict[str, ScalarValue] = {k: out[k][j].item() for k in SCALAR_OUTPUTS}
             j += 1
+            nonfinite = [f"{k}={v}" for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+            if nonfinite:
+                results.append(Detection.failed(p.path, self.method, _nonfinite_message(nonfinite), **p.extra))
+                continue
             idx = int(row["pred"])
             if not 0 <= idx < len(self.classes):
                 raise BundleError(
@@ -425,13 +448,19 @@ class Detector:
         limit = 2 * bs + self.decode_workers  # decoded inputs held at once: the memory bound
         pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="clipn-decode")
         pending: deque[Future[_Prepared]] = deque()
+        # The input stream failed (a video that breaks mid-decode): everything it gave before is still scored
+        # and yielded, then the failure is raised, so no finished frame is lost.
+        failed: list[Exception] = []
         try:
 
             def fill() -> None:
-                while len(pending) < limit:
+                while not failed and len(pending) < limit:
                     try:
                         item = next(items)
                     except StopIteration:
+                        return
+                    except Exception as e:
+                        failed.append(e)
                         return
                     pending.append(pool.submit(prepare, item))
 
@@ -445,6 +474,8 @@ class Detector:
                     batch = []
             if batch:
                 yield self._score(batch)
+            if failed:
+                raise failed[0]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -457,6 +488,7 @@ class Detector:
         smoothing: float | None = None,
         batch_size: int | None = None,
         skip_frames: Container[int] = (),
+        smoothing_seed: float | None = None,
     ) -> Iterator[list[Detection]]:
         """:meth:`detect_video`, one batch of frames at a time (an app can flush after each batch)."""
         from clipn_runtime.video import VideoFrame, iter_frames, prefetch
@@ -471,7 +503,7 @@ class Detector:
         def prepare(f: VideoFrame) -> _Prepared:
             return _Prepared(path, self._prepare(f.image).array, extra={"frame": f.index, "time": f.time})
 
-        ema: float | None = None
+        ema = smoothing_seed
         try:
             for batch in self._pipeline(frames, prepare, bs):
                 if smoothing is not None:
@@ -495,6 +527,7 @@ class Detector:
         smoothing: float | None = None,
         batch_size: int | None = None,
         skip_frames: Container[int] = (),
+        smoothing_seed: float | None = None,
     ) -> Iterator[Detection]:
         """Yield a Detection for every ``every``-th frame of a video file or stream URL (needs PyAV).
 
@@ -504,11 +537,18 @@ class Detector:
         (``ood_score_smooth = α·x + (1 − α)·previous``, with x = ``p_ood`` for ATD, ``p_no`` for CTW) and
         ``ood_smooth = ood_score_smooth > 0.5`` — exactly CTW's rule on the smoothed ``p_no``, and for ATD a
         conservative one (``p_ood > 0.5`` implies ATD's own rule). ``skip_frames``: frame indices not to score
-        (``--resume``). Raises :class:`~clipn_runtime.video.VideoError` when the video cannot be opened or
-        decoded (after yielding the frames before the failure).
+        and ``smoothing_seed``: the average over the frames before them (``--resume``: the last
+        ``ood_score_smooth`` written), so that a resumed video continues the average of an uninterrupted run.
+        Raises :class:`~clipn_runtime.video.VideoError` when the video cannot be opened or decoded, after
+        yielding every frame decoded before the failure.
         """
         for batch in self.iter_video_batches(
-            source, every=every, smoothing=smoothing, batch_size=batch_size, skip_frames=skip_frames
+            source,
+            every=every,
+            smoothing=smoothing,
+            batch_size=batch_size,
+            skip_frames=skip_frames,
+            smoothing_seed=smoothing_seed,
         ):
             yield from batch
 

@@ -3,7 +3,7 @@
 An open-vocabulary bundle (``clipn-export --open-vocabulary``) carries its yes and no text encoders as ONNX
 graphs, the tokenizer as ``tokenizer.json`` and the prompt set in its manifest; its image engines take the
 yes/no banks as inputs. :class:`BankBuilder` computes the banks of any class list with onnxruntime by the
-same prompt ensembling as the exporter (DESIGN §3, :mod:`clipn_export.textbank`)::
+same prompt ensembling as the exporter (docs/export.md, Text bank; :mod:`clipn_export.textbank`)::
 
     w_c = normalize( Σ_t normalize( E(template_t(c)) ) )       for E = the yes tower and the no tower
 
@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,9 @@ from tqdm.auto import tqdm
 
 from clipn_runtime.bundle import TOWERS, BundleError, Manifest, OpenVocabulary
 from clipn_runtime.cache import cache_root
+from clipn_runtime.engine import Engine
 from clipn_runtime.errors import UserError
+from clipn_runtime.fileio import atomic_writer
 from clipn_runtime.prompts import PromptSet
 from clipn_runtime.scoring import l2_normalize
 
@@ -125,16 +126,23 @@ class ClassBanks:
         return not any(self.encoded.values())
 
 
-def open_vocabulary_spec(manifest: Manifest, bundle_dir: str | os.PathLike[str] = "bundle") -> OpenVocabulary:
-    """The manifest's ``open_vocabulary`` section, or a :class:`BundleError` saying how to get one."""
+def open_vocabulary_spec(
+    manifest: Manifest,
+    bundle_dir: str | os.PathLike[str] = "bundle",
+    classes_file: str | os.PathLike[str] | None = None,
+) -> OpenVocabulary:
+    """The manifest's ``open_vocabulary`` section, or a :class:`BundleError` saying how to get one
+    (``classes_file``: the class list the user gave, named in the suggested export)."""
     ov = manifest.open_vocabulary
-    if ov is None:
-        from clipn_runtime.vocab import export_command
+    if ov is None:  # not manifest.is_open_vocabulary
+        from clipn_runtime.vocab import CLASSES_PLACEHOLDER, export_command
 
+        classes = os.fspath(classes_file) if classes_file is not None else CLASSES_PLACEHOLDER
         raise BundleError(
             f"{bundle_dir}: not an open-vocabulary bundle (exported without --open-vocabulary), so its class "
             "banks cannot be recomputed here. Export one with:\n  "
-            + export_command(manifest, os.fspath(bundle_dir), "classes.txt", open_vocabulary=True)
+            + export_command(manifest, os.fspath(bundle_dir), classes, open_vocabulary=True)
+            + ("" if classes_file is not None else f"\n{CLASSES_PLACEHOLDER}: a file of the classes, one per line")
         )
     return ov
 
@@ -165,6 +173,7 @@ class BankBuilder:
         bundle_dir: str | os.PathLike[str],
         manifest: Manifest,
         *,
+        device: str = "cpu",
         threads: int | None = None,
         batch_size: int = 256,
         cache: bool = True,
@@ -175,15 +184,19 @@ class BankBuilder:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.spec = open_vocabulary_spec(manifest, bundle_dir)
-        self.variant = str(manifest.model.get("variant") or manifest.prompts.get("variant") or "learnable")
+        self.variant = manifest.model.variant or str(manifest.prompts.get("variant") or "learnable")
+        self.device = device
         self.threads = threads
         self.batch_size = batch_size
         self.cache = cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.runs = 0
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[str, Engine] = {}
         self._tokenizer: Any = None
-        self._hashes = {f.role: f.sha256 for f in manifest.files}
+        # The files the section names (on load, each is checked to be listed with its role and hash).
+        hashes = {f.path: f.sha256 for f in manifest.files}
+        self._hashes = {t: hashes.get(self.spec.text_encoders[t]) for t in TOWERS}
+        self._hashes["tokenizer"] = hashes.get(self.spec.tokenizer)
 
     # -- identity and cache ------------------------------------------------------------------------------------
     def key(self, classes: Sequence[str], prompts: PromptSet) -> str:
@@ -193,8 +206,8 @@ class BankBuilder:
 
         info = {
             "format": BANK_FORMAT,
-            "text_encoders": {t: self._hashes.get(f"text_encoder_{t}") for t in TOWERS},
-            "tokenizer": self._hashes.get("tokenizer"),
+            "text_encoders": {t: self._hashes[t] for t in TOWERS},
+            "tokenizer": self._hashes["tokenizer"],
             "libraries": cleaning_versions(),
             "variant": self.variant,
             "truncate": self.spec.truncation_is_exact and self.spec.sequence == "dynamic",
@@ -231,18 +244,9 @@ class BankBuilder:
         for d in self.cache_dirs():
             path = d / f"{key}.npz"
             try:
-                d.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=d)
-            except OSError as e:
-                log.info("cannot cache class banks in %s (%s)", d, e.strerror or e)
-                continue
-            try:
-                with os.fdopen(fd, "wb") as fh:
+                with atomic_writer(path) as fh:
                     np.savez(fh, yes=yes, no=no, classes=np.array(classes, dtype=np.str_), key=np.array(key))
-                os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared like the bundle
-                os.replace(tmp, path)
             except OSError as e:
-                Path(tmp).unlink(missing_ok=True)
                 log.info("cannot cache class banks in %s (%s)", d, e.strerror or e)
                 continue
             return path
@@ -262,19 +266,15 @@ class BankBuilder:
                 )
         return self._tokenizer
 
-    def session(self, tower: str) -> Any:
+    def session(self, tower: str) -> Engine:
+        """The ``tower`` text encoder's engine, on ``device`` (without the TensorRT EP: the towers run once per
+        class list, and a TensorRT build would cost more than it saves)."""
         if tower not in self._sessions:
-            import onnxruntime as ort
+            from clipn_runtime.engine import EngineSpec, open_engine
 
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            if self.threads:
-                so.intra_op_num_threads = int(self.threads)
             path = self.bundle_dir / self.spec.text_encoders[tower]
-            try:
-                self._sessions[tower] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own types for unreadable models
-                raise BundleError(f"{path}: onnxruntime cannot load the text encoder: {e}") from None
+            spec = EngineSpec(path, sha256=self._hashes[tower], tensorrt_ep=False)
+            self._sessions[tower] = open_engine(spec, device=self.device, threads=self.threads, log_severity=3)
         return self._sessions[tower]
 
     def encode(
@@ -299,7 +299,7 @@ class BankBuilder:
                     ids = batch.ids[idx]
                     if cut:
                         ids = ids[:, : int(batch.lengths[idx].max())]
-                    feats = session.run([self.spec.features_output], {self.spec.tokens_input: ids})[0]
+                    feats = session.run({self.spec.tokens_input: ids})[self.spec.features_output]
                     self.runs += 1
                     emb[idx] = l2_normalize(np.asarray(feats, dtype=np.float32))
                     bar.update(len(idx))
@@ -344,6 +344,8 @@ class BankBuilder:
         return ClassBanks(yes, no, tuple(classes), ps, key, path, {t: len(plan.used[t]) for t in TOWERS})
 
     def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
         self._sessions.clear()
 
 

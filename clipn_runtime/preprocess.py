@@ -23,12 +23,11 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipn_runtime.bundle import Preprocess
+from clipn_runtime.bundle import CROPS, RESIZE_MODES, Preprocess
 
 UInt8Array = npt.NDArray[np.uint8]
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-RESIZE_MODES = ("shortest", "longest", "squash")
 
 
 class ImageDecodeError(Exception):
@@ -65,7 +64,10 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"refused as a decompression bomb: {e}") from None
+        # Pillow's own hard limit (twice its MAX_IMAGE_PIXELS) stops it before the header is ours to read.
+        raise ImageDecodeError(
+            f"refused as a decompression bomb ({e}); raise the limit with --max-pixels if the file is trusted"
+        ) from None
     except FileNotFoundError:
         what = "broken symbolic link" if p.is_symlink() else "no such file"
         raise ImageDecodeError(what) from None
@@ -106,7 +108,7 @@ class Preprocessor:
     def __post_init__(self) -> None:
         if self.spec.resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {self.spec.resize!r}; expected one of {RESIZE_MODES}")
-        if self.spec.crop not in ("center", "centre"):
+        if self.spec.crop not in CROPS:
             raise ValueError(f"unknown crop {self.spec.crop!r}; only centre cropping is supported")
 
     @property

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +22,9 @@ from clipn_runtime.errors import InputFileError, UserError
 
 #: Names accepted by :func:`load_prompts` besides a file path.
 BUILTIN_PROMPTS: tuple[str, ...] = ("clipn", "clean", "openai")
+#: The one default of training (hand-crafted variant), export, eval and runtime: the official 128 pairs verbatim,
+#: which the official code both trains and evaluates with, so a default model is scored with its own prompts.
+DEFAULT_PROMPTS = "clipn"
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class PromptSet:
     name: str
     yes: tuple[str, ...]
     no: tuple[str, ...] | None = None
+    #: The file it was read from (absolute), so that a suggested command can name it again.
+    source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.yes:
@@ -60,12 +65,24 @@ class PromptSet:
         return self.no
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "yes": list(self.yes), "no": None if self.no is None else list(self.no)}
+        d: dict[str, object] = {
+            "name": self.name,
+            "yes": list(self.yes),
+            "no": None if self.no is None else list(self.no),
+        }
+        if self.source is not None:
+            d["source"] = self.source
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> PromptSet:
-        no = d.get("no")
-        return cls(str(d["name"]), tuple(d["yes"]), None if no is None else tuple(no))  # type: ignore[arg-type]
+        no, source = d.get("no"), d.get("source")
+        return cls(
+            str(d["name"]),
+            tuple(d["yes"]),  # type: ignore[arg-type]
+            None if no is None else tuple(no),  # type: ignore[arg-type]
+            source if isinstance(source, str) else None,
+        )
 
 
 def _data_text(name: str) -> str:
@@ -132,7 +149,7 @@ def read_prompt_file(path: str | Path) -> PromptSet:
             no.append(_check_template(parts[1], p, lineno))
     if not yes:
         raise InputFileError(p, None, "no templates found (one template with '{}' per line)")
-    return PromptSet(f"file:{p.name}", tuple(yes), tuple(no) if columns == 2 else None)
+    return PromptSet(f"file:{p.name}", tuple(yes), tuple(no) if columns == 2 else None, str(p.absolute()))
 
 
 def load_prompts(spec: str) -> PromptSet:

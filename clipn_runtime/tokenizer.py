@@ -88,10 +88,10 @@ class ClipTokenizer:
             raise UserError("tokenizer.json has no truncation length; re-export the bundle with clipn-export")
         self._tok = tokenizer
         self.context_length = int(trunc["max_length"])
-        ids = {t: tokenizer.token_to_id(t) for t in (SOT_TOKEN, EOT_TOKEN)}
-        if None in ids.values():
+        sot, eot = tokenizer.token_to_id(SOT_TOKEN), tokenizer.token_to_id(EOT_TOKEN)
+        if sot is None or eot is None:
             raise UserError(f"tokenizer.json lacks {SOT_TOKEN}/{EOT_TOKEN}; it is not a CLIP tokenizer")
-        self.sot_id, self.eot_id = int(ids[SOT_TOKEN]), int(ids[EOT_TOKEN])  # type: ignore[arg-type]
+        self.sot_id, self.eot_id = int(sot), int(eot)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> ClipTokenizer:

@@ -8,6 +8,7 @@ releases the GIL) overlaps with inference without ever holding more than a few f
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Generator, Iterator
@@ -43,6 +44,29 @@ def _av() -> Any:
     return av
 
 
+def _reason(av: Any, source: str, e: Exception) -> str:
+    """Why FFmpeg failed, in words: PyAV's message quotes the raw AVERROR code ("[Errno 1094995529] Invalid
+    data found…"), which names neither the problem nor a fix."""
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not a video file"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, (av.error.InvalidDataError, av.error.EOFError)):
+        try:
+            if os.path.getsize(source) == 0:
+                return "empty file (0 bytes)"
+        except OSError:
+            pass
+        return "truncated or corrupt video (FFmpeg found invalid data)"
+    if isinstance(e, av.error.DecoderNotFoundError):
+        return "truncated or corrupt video, or a codec this FFmpeg cannot decode (no decoder for its stream)"
+    if isinstance(e, av.error.DemuxerNotFoundError):
+        return "not a video container FFmpeg knows"
+    return str(getattr(e, "strerror", None) or e)
+
+
 def iter_frames(source: str, *, every: int = 1, options: dict[str, str] | None = None) -> Iterator[VideoFrame]:
     """Frames ``0, every, 2·every, …`` of the first video stream of ``source`` (a path or a URL)."""
     if every < 1:
@@ -51,7 +75,7 @@ def iter_frames(source: str, *, every: int = 1, options: dict[str, str] | None =
     try:
         container = av.open(source, options=options or {})
     except (av.FFmpegError, OSError) as e:
-        raise VideoError(f"{source}: cannot open video: {e}") from None
+        raise VideoError(f"{source}: cannot open video: {_reason(av, source, e)}") from None
     try:
         if not container.streams.video:
             raise VideoError(f"{source}: no video stream in this file")
@@ -66,7 +90,7 @@ def iter_frames(source: str, *, every: int = 1, options: dict[str, str] | None =
                     yield VideoFrame(index, None if t is None else float(t), frame.to_ndarray(format="rgb24"))
                 index += 1
         except (av.FFmpegError, OSError) as e:
-            raise VideoError(f"{source}: decoding failed after {index} frames: {e}") from None
+            raise VideoError(f"{source}: decoding failed after {index} frames: {_reason(av, source, e)}") from None
     finally:
         container.close()
 

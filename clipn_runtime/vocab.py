@@ -3,7 +3,8 @@
 A bundle's class banks are baked into its image engine, so for an ordinary bundle a different class list needs
 a new bundle — this module says exactly which ``clipn-export`` command makes it (and the ``--open-vocabulary``
 one that avoids the next re-export). Open-vocabulary bundles carry text encoders and a tokenizer, and the
-runtime computes new banks itself (:mod:`clipn_runtime.openvocab`); :func:`is_open_vocabulary` tells them apart.
+runtime computes new banks itself (:mod:`clipn_runtime.openvocab`); :attr:`Manifest.is_open_vocabulary
+<clipn_runtime.bundle.Manifest.is_open_vocabulary>` tells them apart.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipn_runtime.bundle import ROLE_TENSORRT, Manifest
+from clipn_runtime.bundle import ROLE_TENSORRT, Manifest, ModelIdentity
 from clipn_runtime.errors import UserError
-from clipn_runtime.prompts import BUILTIN_PROMPTS
+from clipn_runtime.prompts import BUILTIN_PROMPTS, DEFAULT_PROMPTS
 from clipn_runtime.scoring import FULL_OUTPUTS
 
-#: File roles an open-vocabulary bundle carries (written by ``clipn-export --open-vocabulary``).
-OPEN_VOCAB_ROLES = frozenset({"text_encoder_yes", "text_encoder_no", "tokenizer"})
+#: Stands for a class-list file in a suggested command when the user gave none.
+CLASSES_PLACEHOLDER = "<CLASSES_FILE>"
 
 
 class ClassListMismatch(UserError):
@@ -29,11 +30,6 @@ class ClassListMismatch(UserError):
         self.command = command
         #: The same export with ``--open-vocabulary``: later class lists then need no re-export.
         self.open_vocabulary_command = open_vocabulary_command
-
-
-def is_open_vocabulary(manifest: Manifest) -> bool:
-    """True when the bundle carries the text encoders and tokenizer to compute new class banks."""
-    return {f.role for f in manifest.files} >= OPEN_VOCAB_ROLES
 
 
 def describe_difference(have: Sequence[str], want: Sequence[str]) -> str:
@@ -56,29 +52,24 @@ def export_command(
     ``<PLACEHOLDER>``. ``open_vocabulary`` adds ``--open-vocabulary`` to a bundle that lacks it.
     """
     m = manifest.model
-    # The exporter records the model's identity (name, config, pretrained tag, hashes); the *_arg/_path keys,
-    # when present, are the command-line values it was given (paths the hashes alone cannot recover).
-    args = ["clipn-export", "--checkpoint", _known(m, "checkpoint_path", "checkpoint_arg") or "<CHECKPOINT>"]
+    # The exporter records what it was given (model_arg, pretrained_arg, checkpoint_path: files as absolute
+    # paths), which clipn-export takes back as is. Bundles from before that know only the model's identity
+    # (name, pretrained tag, hashes); what cannot be recovered from it becomes a <PLACEHOLDER>.
+    args = ["clipn-export", "--checkpoint", m.checkpoint_path or "<CHECKPOINT>"]
     args += ["--classes", str(classes_file)]
     out = Path(str(bundle_dir).rstrip("/\\") or ".")
-    args += ["-o", str(out.with_name(f"{out.name}-{Path(str(classes_file)).stem}"))]
-    model = _known(m, "model_arg", "name")
-    if model:
-        args += ["--model", model]
-    pretrained = _known(m, "pretrained_arg", "pretrained")
-    if pretrained is None and m.get("weights_sha256"):
-        pretrained = "<PRETRAINED_WEIGHTS>"  # a local weights file: only its hash is known
+    suffix = "classes" if str(classes_file) == CLASSES_PLACEHOLDER else Path(str(classes_file)).stem
+    args += ["-o", str(out.with_name(f"{out.name}-{suffix}"))]
+    args += ["--model", m.model_arg or m.name]
+    pretrained = _pretrained(m)
     if pretrained:
         args += ["--pretrained", pretrained]
-    if isinstance(m.get("variant"), str):
-        args += ["--variant", str(m["variant"])]
-    prompts = str(manifest.prompts.get("name") or "")
-    if prompts and prompts != "clipn":
-        args += [
-            "--prompts",
-            prompts if prompts in BUILTIN_PROMPTS or Path(prompts).is_file() else "<PROMPTS_FILE>",
-        ]
-    if open_vocabulary or is_open_vocabulary(manifest):
+    if m.variant:
+        args += ["--variant", m.variant]
+    prompts = _prompts(manifest.prompts)
+    if prompts:
+        args += ["--prompts", prompts]
+    if open_vocabulary or manifest.is_open_vocabulary:
         args.append("--open-vocabulary")
     precisions = {e.precision for e in manifest.engines()}
     args += [f"--{p}" for p in ("fp16", "int8") if p in precisions]
@@ -99,12 +90,26 @@ def export_command(
     return " ".join(a if a.startswith("<") and a.endswith(">") else shlex.quote(a) for a in args)
 
 
-def _known(model: dict[str, object], *keys: str) -> str | None:
-    for k in keys:
-        v = model.get(k)
-        if isinstance(v, str) and v:
-            return v
-    return None
+def _pretrained(model: ModelIdentity) -> str | None:
+    """The --pretrained to repeat; None when the export was given none (the checkpoint then says which)."""
+    if model.records_arguments:
+        return model.pretrained_arg or None
+    if model.weights_sha256 and not model.pretrained:
+        return "<PRETRAINED_WEIGHTS>"  # an older bundle from a local weights file: only its hash is known
+    return model.pretrained or None
+
+
+def _prompts(record: dict[str, object]) -> str | None:
+    """The --prompts to repeat; None for the default set."""
+    name = str(record.get("name") or "")
+    if not name or name == DEFAULT_PROMPTS:
+        return None
+    if name in BUILTIN_PROMPTS:
+        return name
+    source = record.get("source")
+    if isinstance(source, str) and source:
+        return source
+    return name if Path(name).is_file() else "<PROMPTS_FILE>"
 
 
 def check_classes(
@@ -120,7 +125,7 @@ def check_classes(
     have = list(manifest.classes)
     if list(wanted) == have:
         return True
-    if is_open_vocabulary(manifest):
+    if manifest.is_open_vocabulary:
         return False
     command = export_command(manifest, bundle_dir, classes_file)
     ov_command = export_command(manifest, bundle_dir, classes_file, open_vocabulary=True)

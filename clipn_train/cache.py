@@ -16,22 +16,39 @@ manifest is an unfinished cache.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
 from clipn_runtime.errors import UserError
-from clipn_train.checkpoint import atomic_write_bytes
-from clipn_train.data import Batch, permutation, sample_draw
+from clipn_runtime.fileio import atomic_write, atomic_writer
+from clipn_train.data import (
+    Batch,
+    CaptionBatches,
+    CaptionTexts,
+    DataSpec,
+    Source,
+    StreamConfig,
+    caption_pairs,
+    permutation,
+    sample_draw,
+    worker_init,
+)
+from clipn_train.distributed import DistInfo
+from clipn_train.factory import LoadedCLIPN, ModelInfo, create_clipn
+from clipn_train.model import CLIPN
+from clipn_train.precision import autocast_for
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +58,8 @@ DTYPES: dict[str, Any] = {"float16": np.float16, "float32": np.float32}
 PARTS: tuple[str, ...] = ("image", "text", "tokens_no", "ids")
 
 
-def model_identity(info: Any) -> dict[str, Any]:
-    """The facts a cache must share with the model that trains on it (from a :class:`ModelInfo`)."""
+def model_identity(info: ModelInfo) -> dict[str, Any]:
+    """The facts a cache must share with the model that trains on it."""
     return {
         "model_name": info.model_name,
         "model_config": info.model_config,
@@ -53,9 +70,8 @@ def model_identity(info: Any) -> dict[str, Any]:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_writer(path) as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 class CacheWriter:
@@ -97,7 +113,7 @@ class CacheWriter:
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> None:
     body = {"format": FORMAT, "version": FORMAT_VERSION, **manifest}
-    atomic_write_bytes(Path(folder) / "manifest.json", json.dumps(body, indent=2, sort_keys=True).encode())
+    atomic_write(Path(folder) / "manifest.json", json.dumps(body, indent=2, sort_keys=True))
 
 
 class FeatureCache:
@@ -139,8 +155,9 @@ class FeatureCache:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def check_model(self, identity: dict[str, Any]) -> None:
-        """A UserError when the cache was made with another base model, weights or variant."""
+    def check_model(self, identity: dict[str, Any], prompts: str | None = None) -> None:
+        """A UserError when the cache was made with another base model, weights or variant, or (hand-crafted
+        variant, ``prompts`` given) with other template pairs: its no-tower tokens hold the wrapped captions."""
         made = self.manifest.get("model", {})
         for key, value in identity.items():
             if json.dumps(made.get(key), sort_keys=True) != json.dumps(value, sort_keys=True):
@@ -148,6 +165,12 @@ class FeatureCache:
                     f"{self.folder}: the cache was made with {key} = {made.get(key)!r}, but training uses "
                     f"{value!r}; re-create the cache with the same --model/--pretrained/--variant"
                 )
+        cached = self.manifest.get("prompts")
+        if prompts is not None and identity.get("variant") == "handcrafted" and cached != prompts:
+            raise UserError(
+                f"{self.folder}: the cache was made with --prompts {cached}, but training uses --prompts {prompts}; "
+                f"pass --prompts {cached} or re-create the cache"
+            )
 
     def gather(self, indices: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(image features, text features, no-tower tokens, ids) of the given global sample indices, in order."""
@@ -171,51 +194,43 @@ class FeatureCache:
 
 
 class CachedBatches:
-    """The batches of one rank for one epoch from a cache, in the same order rule as a CSV source."""
+    """The batches of one rank for one epoch from a cache, in the same order rule as a CSV source.
 
-    def __init__(
-        self,
-        cache: FeatureCache,
-        *,
-        batch_size: int,
-        num_batches: int,
-        seed: int,
-        epoch: int,
-        rank: int,
-        world_size: int,
-        shuffle: bool = True,
-        start_batch: int = 0,
-    ) -> None:
-        self.cache, self.batch_size, self.num_batches = cache, batch_size, num_batches
-        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.shuffle, self.start_batch = shuffle, start_batch
+    ``order`` is the description a raw stream gets; its ``progress`` is not needed here: a cache holds no corrupt
+    samples, so ``start_batch`` alone says where a resumed epoch goes on.
+    """
+
+    def __init__(self, cache: FeatureCache, order: StreamConfig) -> None:
+        if order.num_batches is None:
+            raise ValueError("a feature cache is read for a given number of batches, not once through")
+        self.cache, self.order, self.num_batches = cache, order, order.num_batches
 
     def _indices(self) -> Iterator[tuple[int, int]]:
         """(pass, sample index) in the CSV source's order rule, cycling over the data."""
-        n = len(self.cache)
+        n, o = len(self.cache), self.order
         pass_index = 0
         while True:
-            order = permutation(n, self.seed, self.epoch, pass_index) if self.shuffle else range(n)
-            for i in order[self.rank :: self.world_size]:
+            order = permutation(n, o.seed, o.epoch, pass_index) if o.shuffle else range(n)
+            for i in order[o.rank :: o.world_size]:
                 yield pass_index, i
             pass_index += 1
 
     def __iter__(self) -> Iterator[Batch]:
+        o = self.order
         stream = self._indices()
-        skip = self.start_batch * self.batch_size
-        for _ in range(skip):
+        for _ in range(o.start_batch * o.batch_size):
             next(stream)
-        for b in range(self.start_batch, self.num_batches):
-            picked = [next(stream) for _ in range(self.batch_size)]
+        for b in range(o.start_batch, self.num_batches):
+            picked = [next(stream) for _ in range(o.batch_size)]
             image, text, tokens, ids = self.cache.gather(np.array([i for _, i in picked], dtype=np.int64))
-            draws = [sample_draw(self.seed, self.epoch, p, int(i)) for (p, _), i in zip(picked, ids, strict=True)]
+            draws = [sample_draw(o.seed, o.epoch, p, int(i)) for (p, _), i in zip(picked, ids, strict=True)]
             yield Batch(
                 tokens_no=tokens,
                 image_features=image,
                 text_features=text,
                 ids=ids,
                 draws=torch.tensor(draws, dtype=torch.int64),
-                consumed=(b + 1) * self.batch_size,
+                consumed=(b + 1) * o.batch_size,
             )
 
 
@@ -244,6 +259,67 @@ def encode_batch(
     return image.float(), text.float(), batch.tokens_no
 
 
+def _eval_batches(
+    source: Source, loaded: LoadedCLIPN, texts: CaptionTexts, batch_size: int, seed: int, workers: int, d: DistInfo
+) -> Iterable[Batch]:
+    """This rank's part of the data, once through, in order, with the evaluation transform."""
+    stream = CaptionBatches(
+        source,
+        loaded.preprocess_val,
+        texts,
+        StreamConfig(
+            batch_size=batch_size, num_batches=None, seed=seed, rank=d.rank, world_size=d.world_size, shuffle=False
+        ),
+    )
+    if workers == 0:
+        return stream
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=d.device.type == "cuda",
+        worker_init_fn=worker_init,
+    )
+
+
+def _encode_all(
+    core: CLIPN,
+    batches: Iterable[Batch],
+    writer: CacheWriter,
+    autocast: Callable[[], Any],
+    d: DistInfo,
+    known: int | None,
+) -> int:
+    """Encode and write every batch of this rank; returns how many samples it skipped as corrupt."""
+    corrupt: dict[int, int] = {}
+    total = None if known is None else math.ceil(known / d.world_size)
+    with tqdm(
+        total=total,
+        unit="sample",
+        desc="caching features",
+        dynamic_ncols=True,
+        disable=None if d.is_main else True,
+    ) as bar:
+        for batch in batches:
+            corrupt[batch.worker] = batch.corrupt
+            if len(batch) == 0:  # only reports skipped samples
+                continue
+            image, text, tokens_no = encode_batch(core, batch.to(d.device), autocast)
+            assert batch.ids is not None
+            writer.add(image, text, tokens_no, batch.ids)
+            bar.update(len(batch))
+    return sum(corrupt.values())
+
+
+def _all_ranks(shards: list[dict[str, Any]], skipped: int, d: DistInfo) -> tuple[list[dict[str, Any]], int]:
+    """Every rank's shards (in rank order) and their total of skipped samples (collective under torchrun)."""
+    counts: list[Any] = [(shards, skipped)]
+    if d.distributed:
+        counts = [None] * d.world_size
+        dist.all_gather_object(counts, (shards, skipped))
+    return [s for rank_shards, _ in counts for s in rank_shards], sum(c for _, c in counts)
+
+
 def build_feature_cache(
     *,
     data: str,
@@ -262,7 +338,7 @@ def build_feature_cache(
     dtype: str = "float16",
     shard_size: int = 100_000,
     seed: int = 0,
-    dist_info: Any = None,
+    dist_info: DistInfo | None = None,
 ) -> CacheSummary:
     """Run the frozen towers once over ``data`` (eval transform, no augmentation) and write a cache folder.
 
@@ -270,16 +346,6 @@ def build_feature_cache(
     manifest once all are done. In the hand-crafted variant the (yes, no) template pair of each caption is
     drawn once here and fixed for all epochs.
     """
-    import time
-
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    from clipn_train.data import CaptionBatches, CaptionTexts, DataSpec, StreamConfig, caption_pairs, worker_init
-    from clipn_train.distributed import DistInfo
-    from clipn_train.model import create_clipn
-    from clipn_train.precision import autocast_for
-
     d = dist_info or DistInfo()
     out = Path(output)
     if d.is_main and (out / "manifest.json").exists():
@@ -292,51 +358,13 @@ def build_feature_cache(
     core = loaded.model.to(d.device).eval()
     autocast, _ = autocast_for(precision, d.device)
     texts = CaptionTexts(loaded.tokenizer, caption_pairs(variant, prompts))
-    stream = CaptionBatches(
-        source,
-        loaded.preprocess_val,
-        texts,
-        StreamConfig(
-            batch_size=batch_size, num_batches=None, seed=seed, rank=d.rank, world_size=d.world_size, shuffle=False
-        ),
-    )
-    batches: Any = stream
-    if workers > 0:
-        batches = torch.utils.data.DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=d.device.type == "cuda",
-            worker_init_fn=worker_init,
-        )
+    batches = _eval_batches(source, loaded, texts, batch_size, seed, workers, d)
     known = len(source) if hasattr(source, "__len__") else source.size()
     writer = CacheWriter(out, rank=d.rank, dtype=dtype, shard_size=shard_size)
-    corrupt: dict[int, int] = {}
     started = time.perf_counter()
-    total = None if known is None else math.ceil(known / d.world_size)
-    with tqdm(
-        total=total,
-        unit="sample",
-        desc="caching features",
-        dynamic_ncols=True,
-        disable=None if d.is_main else True,
-    ) as bar:
-        for batch in batches:
-            corrupt[batch.worker] = batch.corrupt
-            if len(batch) == 0:  # only reports skipped samples
-                continue
-            image, text, tokens_no = encode_batch(core, batch.to(d.device), autocast)
-            assert batch.ids is not None
-            writer.add(image, text, tokens_no, batch.ids)
-            bar.update(len(batch))
-    shards = writer.close()
-    counts: list[Any] = [(shards, sum(corrupt.values()))]
-    if d.distributed:
-        counts = [None] * d.world_size
-        dist.all_gather_object(counts, (shards, sum(corrupt.values())))
-    all_shards = [s for rank_shards, _ in counts for s in rank_shards]
-    skipped = sum(c for _, c in counts)
-    samples = sum(s["count"] for s in all_shards)
+    skipped_here = _encode_all(core, batches, writer, autocast, d, known)
+    shards, skipped = _all_ranks(writer.close(), skipped_here, d)
+    samples = sum(s["count"] for s in shards)
     if d.is_main:
         if samples == 0:
             raise UserError(f"{data}: no readable sample to cache")
@@ -352,10 +380,10 @@ def build_feature_cache(
                 "skipped_samples": skipped,
                 "source": data,
                 "transform": "eval (no augmentation)",
-                "shards": all_shards,
+                "shards": shards,
             },
         )
         log.info("cached %d samples (%d skipped as corrupt/unreadable) in %s", samples, skipped, out)
     if d.distributed:
         dist.barrier()
-    return CacheSummary(out, samples, skipped, len(all_shards), time.perf_counter() - started)
+    return CacheSummary(out, samples, skipped, len(shards), time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""CLIPN checkpoints: ours (safetensors, no-tower tensors + metadata), the official one, and resume state.
+"""CLIPN checkpoints: ours (safetensors, no-tower tensors + metadata) and the official one (torch pickle).
 
 Our checkpoint holds only the trainable no-tower tensors under their official names, plus string metadata
 that says which base CLIP they belong to. The official CLIPN checkpoint (xmed-lab/CLIPN) is a torch pickle
@@ -13,12 +13,13 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
+import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,11 +28,10 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from clipn_runtime.errors import UserError
+from clipn_runtime.fileio import atomic_write, sha256_file
+from clipn_train.model import CLIPN
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from clipn_train.model import CLIPN
 
 FORMAT = "clipn-ood/no-tower"
 FORMAT_VERSION = "1"
@@ -61,34 +61,51 @@ class CheckpointContents:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old or the new content, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself must reach the disk too.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: Messages of a torch file that ends early or is damaged (torch raises plain RuntimeErrors or UnpicklingErrors).
+_TORCH_CORRUPT = re.compile(
+    r"PytorchStreamReader|unexpected EOF|file might be corrupted|pickle data was truncated"
+)
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _first_line(text: str) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= 200 else line[:199] + "…"
+
+
+def _refused_globals(text: str) -> str:
+    """What torch's safe unpickler refused: the globals it names, else its own one-line reason."""
+    found = sorted(set(re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)))
+    if found:
+        return ", ".join(found)
+    detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    return _first_line(detail.group(1)) if detail else "an object that is not a tensor"
+
+
+def load_failure(source: str, e: BaseException) -> str:
+    """One line saying why the weights file ``source`` (e.g. ``--checkpoint x.pt``) could not be read.
+
+    Torch's own messages run over many lines and, for a refused pickle, advise ``weights_only=False``, which
+    executes whatever the file contains; the user gets the reason and a safe way out instead.
+    """
+    text = _ANSI.sub("", str(e))
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+        return (
+            f"{source}: a torch pickle holding objects that safe loading (weights_only) refuses "
+            f"({_refused_globals(text)}); clipn-ood never unpickles arbitrary objects: re-save only its tensors "
+            "(the state_dict, e.g. as .safetensors) with the code that made the file"
+        )
+    if isinstance(e, OSError):
+        return f"{source}: cannot read ({e.strerror or text})"
+    if isinstance(e, SafetensorError):
+        return f"{source}: truncated or corrupt (safetensors error: {_first_line(text)}); re-download or copy it again"
+    if isinstance(e, (EOFError, zipfile.BadZipFile)) or _TORCH_CORRUPT.search(text):
+        reason = _first_line(text.split(". This is an internal miniz error")[0]) or "the file ends early"
+        return f"{source}: truncated or corrupt (torch load error: {reason}); re-download or copy it again"
+    return (
+        f"{source}: neither a safetensors file nor a torch checkpoint "
+        f"({type(e).__name__}: {_first_line(text) or 'unreadable'})"
+    )
 
 
 def _strip_module(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,7 +149,7 @@ def save_no_tower(path: str | Path, model: CLIPN, metadata: Mapping[str, str]) -
     """Write the no-tower tensors and ``metadata`` atomically as safetensors; returns the file's sha256."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
     data = st_save(tensors, metadata=dict(metadata))
-    atomic_write_bytes(path, data)
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -150,7 +167,7 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
             with safe_open(str(path), framework="pt") as f:
                 metadata = dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"--checkpoint {path}: not a readable safetensors file ({e})") from None
+            raise UserError(load_failure(f"--checkpoint {path}", e)) from None
         if metadata.get("format") != FORMAT:
             raise UserError(
                 f"--checkpoint {path}: a safetensors file without clipn-ood metadata; expected a checkpoint "
@@ -172,10 +189,7 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; all mean "not a checkpoint we can read"
-        raise UserError(
-            f"--checkpoint {path}: not a clipn-ood safetensors checkpoint nor a torch checkpoint that loads "
-            f"with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
+        raise UserError(load_failure(f"--checkpoint {path}", e)) from None
     state = obj.get("state_dict") if isinstance(obj, dict) and "state_dict" in obj else obj
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(

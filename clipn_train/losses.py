@@ -1,6 +1,6 @@
 """CLIPN's training losses: image-text binary-opposite (ITBO) and text semantic-opposite (TSO).
 
-Formulas from the official code (xmed-lab/CLIPN ``open_clip/loss.py``, commit e465074; DESIGN.md §4), with N the
+Formulas from the official code (xmed-lab/CLIPN ``open_clip/loss.py``, commit e465074), with N the
 global batch, c_ij = <f_i, g_j>, c_no_ij = <f_i, g_no_j>, s = exp(logit_scale):
 
     p_no_ij = sigmoid(s (c_no_ij - c_ij))

@@ -1,34 +1,29 @@
-"""The CLIPN model: a frozen open_clip CLIP plus a trainable "no" text tower, and how to build one.
+"""The CLIPN model: a frozen open_clip CLIP plus a trainable "no" text tower (the ``nn.Module`` only).
 
-Facts from the official CLIPN code (xmed-lab/CLIPN, commit e465074; see ../shared/DESIGN.md §4): the no
-tower is a full copy of the text tower (``transformer_no``, ``token_embedding_no``, ``positional_embedding_no``,
-``ln_final_no``, ``text_projection_no``) initialised from the yes tower; the learnable variant adds one of 16
-zero-initialised prompts ``prompt_no`` (16, context, width) element-wise to the no tower's token + positional
-embedding (training draws one of 17 options per sample: a prompt or their mean; evaluation uses the mean). The
-attribute names are the official ones so an official checkpoint maps onto :meth:`CLIPN.trainable_state_dict`
-one to one.
+Facts from the official CLIPN code (xmed-lab/CLIPN, commit e465074): the no tower is a full copy of the text
+tower (``transformer_no``, ``token_embedding_no``, ``positional_embedding_no``, ``ln_final_no``,
+``text_projection_no``) initialised from the yes tower; the learnable variant adds one of 16 zero-initialised
+prompts ``prompt_no`` (16, context, width) element-wise to the no tower's token + positional embedding (training
+draws one of 17 options per sample: a prompt or their mean; evaluation uses the mean). The attribute names are
+the official ones so an official checkpoint maps onto :meth:`CLIPN.trainable_state_dict` one to one.
+
+Building a model from names and files (base weights, checkpoints, tokenizer, transforms) is
+:mod:`clipn_train.factory`'s job: this module imports neither it nor :mod:`clipn_train.checkpoint`, so the
+checkpoint code can depend on the model without a cycle (the layout of open_clip's ``model``/``factory``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
-from clipn_runtime.errors import InputFileError, UserError
-from clipn_train import checkpoint as ckpt
-
-log = logging.getLogger(__name__)
+from clipn_runtime.errors import UserError
 
 VARIANTS: tuple[str, ...] = ("learnable", "handcrafted")
 #: Number of learnable "no" prompts in the official model.
@@ -244,236 +239,3 @@ class CLIPN(nn.Module):
             text_features = None if tokens is None else self.encode_text(tokens)
         text_features_no = None if tokens_no is None else self.encode_text_no(tokens_no, prompt_index=prompt_index)
         return image_features, text_features, text_features_no
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Construction
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelInfo:
-    """Where a CLIPN model came from and how its images must be preprocessed (goes into manifests and logs)."""
-
-    model_name: str
-    model_config: dict[str, Any]
-    pretrained: str | None
-    weights_sha256: str | None
-    checkpoint_sha256: str | None
-    checkpoint_kind: str | None
-    variant: str
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    resize_mode: str
-    context_length: int
-
-
-@dataclass
-class LoadedCLIPN:
-    model: CLIPN
-    tokenizer: Any
-    preprocess_train: Any
-    preprocess_val: Any
-    info: ModelInfo
-    preprocess_cfg: dict[str, Any] = field(default_factory=dict)
-
-
-def _check_supported(name: str, cfg: dict[str, Any]) -> None:
-    text_cfg = cfg.get("text_cfg", {})
-    reason = None
-    if "multimodal_cfg" in cfg:
-        reason = "it is a CoCa model (captioning decoder)"
-    elif isinstance(text_cfg, dict) and text_cfg.get("hf_model_name"):
-        reason = f"its text tower is the Hugging Face model {text_cfg['hf_model_name']!r}"
-    elif cfg.get("custom_text"):
-        reason = "it uses a custom text tower (CustomTextCLIP, e.g. SigLIP, MobileCLIP, EVA)"
-    if reason:
-        raise UserError(f"--model {name}: not supported because {reason}. {SUPPORTED_MODELS_HINT}.")
-
-
-def resolve_model_config(model: str | Path) -> tuple[str, dict[str, Any]]:
-    """An open_clip model name or a path to an open_clip model-config JSON → (name, config dict).
-
-    A JSON may be a bare model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) or open_clip's
-    ``open_clip_config.json`` layout (``model_cfg`` plus ``preprocess_cfg``, kept under ``"preprocess_cfg"``).
-    """
-    spec = str(model)
-    path = Path(spec)
-    if spec.endswith(".json") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"--model {spec}: no such model-config file")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputFileError(path, e.lineno, f"not valid JSON: {e.msg}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputFileError(path, None, f"cannot read model config: {e}") from None
-        if not isinstance(raw, dict):
-            raise InputFileError(path, 1, "a model config must be a JSON object")
-        cfg = dict(raw["model_cfg"]) if isinstance(raw.get("model_cfg"), dict) else dict(raw)
-        if isinstance(raw.get("preprocess_cfg"), dict):
-            cfg["preprocess_cfg"] = raw["preprocess_cfg"]
-        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
-        if missing:
-            raise InputFileError(
-                path,
-                None,
-                f"not an open_clip model config: missing {', '.join(missing)} (see open_clip's model_configs)",
-            )
-        name = path.stem
-    else:
-        found = open_clip.get_model_config(spec)
-        if found is None:
-            raise UserError(
-                f"--model {spec}: not an open_clip model name nor a model-config JSON file. "
-                "Run `python -c 'import open_clip; print(open_clip.list_models())'` for the names."
-            )
-        cfg, name = copy.deepcopy(found), spec
-    _check_supported(name, cfg)
-    return name, cfg
-
-
-def _clip_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in ("preprocess_cfg", "custom_text")}
-
-
-def _is_builtin(model: str | Path) -> bool:
-    return open_clip.get_model_config(str(model)) is not None and not Path(str(model)).is_file()
-
-
-def _build_base(
-    model: str | Path, name: str, cfg: dict[str, Any], pretrained: str | Path | None
-) -> tuple[CLIP, str | None, str | None]:
-    """The base CLIP with its weights → (clip, open_clip tag or None, sha256 of a local weights file or None)."""
-    tag: str | None = None
-    sha: str | None = None
-    if pretrained is not None and not Path(str(pretrained)).is_file():
-        tag = str(pretrained)
-        if not _is_builtin(model):
-            raise UserError(
-                f"--pretrained {tag}: not a file, and open_clip tags only exist for built-in model names "
-                f"(--model {model} is a config file); pass a local weights file"
-            )
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if tag not in tags:
-            raise UserError(
-                f"--pretrained {tag}: not a file and not an open_clip tag for {name} "
-                f"(tags: {', '.join(tags) or 'none'})"
-            )
-        try:
-            clip = open_clip.create_model(name, pretrained=tag)
-        except RuntimeError as e:
-            raise UserError(
-                f"--pretrained {tag}: could not fetch the weights ({e}); on an offline machine pass "
-                "a local weights file"
-            ) from None
-    else:
-        clip = CLIP(**_clip_kwargs(cfg))
-        pp = open_clip.transform.PreprocessCfg(size=clip.visual.image_size)
-        pp_dict = {**pp.__dict__, **cfg.get("preprocess_cfg", {})}
-        open_clip.model.set_model_preprocess_cfg(clip, pp_dict)
-        if pretrained is not None:
-            path = Path(str(pretrained))
-            sha = ckpt.sha256_file(path)
-            try:
-                open_clip.load_checkpoint(clip, str(path), strict=True)
-            except RuntimeError as e:
-                raise UserError(f"--pretrained {path}: these weights do not fit --model {name}: {e}") from None
-            except Exception as e:  # unreadable/corrupt files surface as many exception types
-                raise UserError(f"--pretrained {path}: cannot read weights ({type(e).__name__}: {e})") from None
-    if not isinstance(clip, CLIP):
-        raise UserError(f"--model {name}: built {type(clip).__name__}. {SUPPORTED_MODELS_HINT}.")
-    return clip, tag, sha
-
-
-def _tokenizer(model: str | Path, name: str, cfg: dict[str, Any]) -> Any:
-    if _is_builtin(model):
-        return open_clip.get_tokenizer(name)
-    text_cfg = cfg["text_cfg"]
-    ctx = int(text_cfg.get("context_length", 77))
-    if text_cfg.get("hf_tokenizer_name"):
-        return open_clip.tokenizer.HFTokenizer(
-            text_cfg["hf_tokenizer_name"], context_length=ctx, **text_cfg.get("tokenizer_kwargs", {})
-        )
-    return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
-
-
-def create_clipn(
-    model: str | Path,
-    pretrained: str | Path | None = None,
-    *,
-    variant: str | None = None,
-    checkpoint: str | Path | None = None,
-    device: str | torch.device = "cpu",
-) -> LoadedCLIPN:
-    """Build a CLIPN model, its tokenizer and transforms.
-
-    * ``model``: open_clip model name or model-config JSON path.
-    * ``pretrained``: base CLIP weights: an open_clip tag (downloads where possible) or a local weights file
-      (open_clip checkpoint, state dict or safetensors). ``None``: random init, or what ``checkpoint`` says.
-    * ``checkpoint``: a clipn-ood no-tower checkpoint (``.safetensors``) or an official CLIPN checkpoint
-      (torch pickle, read with ``weights_only=True``). The official one carries the whole CLIP, so it
-      conflicts with ``pretrained``. Both are loaded strictly.
-    * ``variant``: ``learnable`` | ``handcrafted``; ``None`` means what the checkpoint holds (else learnable);
-      a value that contradicts the checkpoint is an error.
-    """
-    name, cfg = resolve_model_config(model)
-    contents = ckpt.read_checkpoint(checkpoint) if checkpoint is not None else None
-    base_from_checkpoint = contents is not None and contents.base_state is not None
-    if base_from_checkpoint and pretrained is not None:
-        raise UserError(
-            f"--checkpoint {checkpoint} is an official CLIPN checkpoint and carries the whole CLIP; "
-            f"drop --pretrained {pretrained}"
-        )
-    if contents is not None and contents.kind == "clipn-ood":
-        pretrained = ckpt.check_base_matches(contents, name, cfg, pretrained)
-
-    if variant is not None and variant not in VARIANTS:
-        raise UserError(f"--variant {variant}: choose one of {', '.join(VARIANTS)}")
-    resolved_variant = variant or (contents.variant if contents is not None else "learnable")
-    if contents is not None and contents.variant != resolved_variant:
-        raise UserError(
-            f"--checkpoint {checkpoint} holds a {contents.variant} CLIPN model but --variant {variant} was asked"
-        )
-
-    clip, tag, weights_sha = _build_base(model, name, cfg, None if base_from_checkpoint else pretrained)
-    if contents is not None and contents.base_state is not None:
-        ckpt.load_strict(clip.state_dict(keep_vars=True), contents.base_state, str(checkpoint), "the CLIP part")
-    clipn = CLIPN(clip, resolved_variant)
-    if contents is not None:
-        ckpt.load_no_tower(clipn, contents.no_state, source=str(checkpoint))
-        if contents.kind == "clipn-ood":
-            tag = contents.metadata.get("pretrained") or tag
-    clipn.to(device)
-    clipn.eval()
-
-    pp = dict(clip.visual.preprocess_cfg)
-    pp_cfg = open_clip.transform.PreprocessCfg(**pp)
-    size = pp_cfg.size if isinstance(pp_cfg.size, int) else int(pp_cfg.size[0])
-    info = ModelInfo(
-        model_name=name,
-        model_config=cfg,
-        pretrained=tag,
-        weights_sha256=weights_sha if not base_from_checkpoint else None,
-        checkpoint_sha256=None if contents is None else contents.sha256,
-        checkpoint_kind=None if contents is None else contents.kind,
-        variant=resolved_variant,
-        image_size=int(size),
-        mean=tuple(float(v) for v in pp_cfg.mean),
-        std=tuple(float(v) for v in pp_cfg.std),
-        interpolation=str(pp_cfg.interpolation),
-        resize_mode=str(pp_cfg.resize_mode),
-        context_length=clipn.context_length,
-    )
-    if contents is not None and contents.kind == "clipn-ood" and contents.metadata.get("weights_sha256"):
-        info.weights_sha256 = contents.metadata["weights_sha256"]
-    return LoadedCLIPN(
-        model=clipn,
-        tokenizer=_tokenizer(model, name, cfg),
-        preprocess_train=open_clip.transform.image_transform_v2(pp_cfg, is_train=True),
-        preprocess_val=open_clip.transform.image_transform_v2(pp_cfg, is_train=False),
-        info=info,
-        preprocess_cfg=pp,
-    )

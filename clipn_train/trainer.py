@@ -1,7 +1,8 @@
 """The CLIPN training loop: official recipe by default, exact resume, DDP, feature-cache training.
 
-Official recipe (DESIGN.md §4): AdamW lr 3e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on ≥2-D tensors,
-cosine schedule without warmup, AMP, 10 epochs, 512 per GPU × 4 GPUs on CC3M.
+The pieces live beside it: the optimiser and learning-rate schedule in :mod:`clipn_train.schedule`, the resume
+state in :mod:`clipn_train.resume`, what a run reads in :mod:`clipn_train.train_data`. The paper trained 10
+epochs with AMP, 512 pairs per GPU × 4 GPUs on CC3M (the defaults of :class:`TrainConfig`).
 
 Run folder (like open_clip)::
 
@@ -15,15 +16,13 @@ Run folder (like open_clip)::
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-import math
 import random
 import re
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,80 +33,30 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from clipn_runtime.errors import UserError
-from clipn_train import checkpoint as ckpt
-from clipn_train.cache import CachedBatches, FeatureCache, model_identity
-from clipn_train.data import (
-    Batch,
-    CaptionBatches,
-    CaptionTexts,
-    CsvSource,
-    DataSpec,
-    StreamConfig,
-    caption_pairs,
-    mix_seed,
-    worker_init,
-)
+from clipn_runtime.fileio import atomic_write
+from clipn_train.config import TrainConfig
+from clipn_train.data import Batch, mix_seed
 from clipn_train.distributed import DistInfo
+from clipn_train.factory import LoadedCLIPN, create_clipn
 from clipn_train.losses import PARTS, distributed_clipn_loss, p_no
-from clipn_train.model import CLIPN, LoadedCLIPN, create_clipn
+from clipn_train.model import CLIPN
 from clipn_train.precision import autocast_for
+from clipn_train.resume import Checkpointer, Position, find_resume_state, load_resume_state
+from clipn_train.schedule import apply_lr, make_optimizer
+from clipn_train.train_data import TrainData, heldout_batch
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "batch_features",
+    "default_run_name",
+    "heldout_p_no",
+    "prompt_index_of",
+    "train",
+]
 
 log = logging.getLogger(__name__)
-
-STATE_FORMAT = "clipn-ood/resume-state"
-STATE_VERSION = 1
-#: Settings that fix which samples a step sees; resuming with another value could not continue the same run.
-RESUME_MUST_MATCH: tuple[str, ...] = (
-    "train_data",
-    "dataset_type",
-    "train_num_samples",
-    "model",
-    "pretrained",
-    "variant",
-    "prompts",
-    "batch_size",
-    "seed",
-    "augment",
-)
-
-
-@dataclass
-class TrainConfig:
-    """Every ``clipn-train`` option; the defaults are the official CLIPN recipe."""
-
-    train_data: str
-    model: str = "ViT-B-16"
-    pretrained: str | None = "laion2b_s34b_b88k"
-    variant: str = "learnable"
-    prompts: str = "clean"
-    dataset_type: str = "auto"
-    csv_img_key: str = "filepath"
-    csv_caption_key: str = "title"
-    csv_separator: str = "\t"
-    train_num_samples: int | None = None
-    val_data: str | None = None
-    val_batch_size: int = 256
-    batch_size: int = 512
-    epochs: int = 10
-    lr: float = 3e-4
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    wd: float = 0.2
-    warmup: int = 0
-    grad_clip: float | None = None
-    precision: str = "amp"
-    local_loss: bool = False
-    workers: int = 4
-    seed: int = 0
-    augment: bool = True
-    logs: str = "logs"
-    name: str | None = None
-    save_frequency: int = 1
-    resume: str | None = None
-    device: str = "auto"
-    log_every_n_steps: int = 100
-    tensorboard: bool = True
 
 
 @dataclass
@@ -117,30 +66,13 @@ class TrainResult:
     epochs_done: int
     interrupted: bool
     last_checkpoint: Path | None
+    model: CLIPN  # the trained model (this rank's copy)
     history: list[dict[str, Any]] = field(default_factory=list)
-    model: CLIPN | None = None  # the trained model (this rank's copy)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Recipe pieces
+# Forward pieces
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total`` (open_clip's schedule)."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) * base_lr
-
-
-def param_groups(model: CLIPN, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on ≥2-D tensors only (matrices, embeddings, prompts); none on gains and biases."""
-    params = model.trainable_parameters()
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
 
 
 def prompt_index_of(model: CLIPN, batch: Batch) -> Tensor | None:
@@ -189,213 +121,10 @@ def heldout_p_no(core: CLIPN, batch: Batch, autocast: Callable[[], Any]) -> tupl
     return float(probs.diagonal().mean()), float(probs[off].mean()) if n > 1 else float("nan")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data plumbing
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class TrainData:
-    """Batches for one rank per epoch, from raw data (streamed) or from a feature cache."""
-
-    def __init__(self, cfg: TrainConfig, loaded: LoadedCLIPN, dist_info: DistInfo) -> None:
-        self.cfg, self.dist = cfg, dist_info
-        spec = DataSpec(cfg.train_data, cfg.dataset_type, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
-        self.kind = spec.kind()
-        self.cache: FeatureCache | None = None
-        if self.kind == "cache":
-            self.cache = FeatureCache(cfg.train_data)
-            self.cache.check_model(model_identity(loaded.info))
-            available: int | None = len(self.cache)
-            self.workers = 0
-        else:
-            self.source = spec.open_source()
-            available = len(self.source) if isinstance(self.source, CsvSource) else self.source.size()
-            self.workers = cfg.workers
-            self.texts = CaptionTexts(loaded.tokenizer, caption_pairs(cfg.variant, cfg.prompts))
-            self.transform = loaded.preprocess_train if cfg.augment else loaded.preprocess_val
-        num_samples = cfg.train_num_samples or available
-        if not num_samples:
-            raise UserError(
-                f"--train-data {cfg.train_data}: the number of samples is unknown (no sizes.json or __len__ "
-                "beside the shards); pass --train-num-samples (CC3M train: 2905954 before filtering)"
-            )
-        global_batch = cfg.batch_size * dist_info.world_size
-        self.num_samples = num_samples
-        self.num_batches = num_samples // global_batch
-        if self.num_batches == 0:
-            raise UserError(
-                f"{num_samples} training samples are fewer than one global batch ({cfg.batch_size} × "
-                f"{dist_info.world_size} ranks); lower --batch-size"
-            )
-
-    def batches(self, epoch: int, start_batch: int, progress: dict[int, tuple[int, int]]) -> Iterable[Batch]:
-        cfg, d = self.cfg, self.dist
-        if self.cache is not None:
-            return CachedBatches(
-                self.cache,
-                batch_size=cfg.batch_size,
-                num_batches=self.num_batches,
-                seed=cfg.seed,
-                epoch=epoch,
-                rank=d.rank,
-                world_size=d.world_size,
-                start_batch=start_batch,
-            )
-        stream = CaptionBatches(
-            self.source,
-            self.transform,
-            self.texts,
-            StreamConfig(
-                batch_size=cfg.batch_size,
-                num_batches=self.num_batches,
-                seed=cfg.seed,
-                epoch=epoch,
-                rank=d.rank,
-                world_size=d.world_size,
-                start_batch=start_batch,
-                progress=dict(progress),
-            ),
-        )
-        if self.workers == 0:
-            return stream
-        return torch.utils.data.DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.workers,
-            pin_memory=d.device.type == "cuda",
-            worker_init_fn=worker_init,
-        )
-
-
-def _first_cached_batch(cache: FeatureCache, size: int) -> Batch:
-    """The first ``size`` samples of a feature cache (all of it if smaller), in order."""
-    batches = CachedBatches(
-        cache,
-        batch_size=min(size, len(cache)),
-        num_batches=1,
-        seed=0,
-        epoch=0,
-        rank=0,
-        world_size=1,
-        shuffle=False,
-    )
-    return next(iter(batches))
-
-
-def _heldout_batch(cfg: TrainConfig, loaded: LoadedCLIPN, data: TrainData) -> tuple[Batch, str]:
-    """The fixed batch whose p_no is reported each epoch: from --val-data, else the first training samples."""
-    size = cfg.val_batch_size
-    if cfg.val_data:
-        spec = DataSpec(cfg.val_data, "auto", cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
-        label = "val"
-        if spec.kind() == "cache":
-            cache = FeatureCache(cfg.val_data)
-            cache.check_model(model_identity(loaded.info))
-            return _first_cached_batch(cache, size), label
-        source = spec.open_source()
-        texts = CaptionTexts(loaded.tokenizer, caption_pairs(cfg.variant, cfg.prompts))
-    else:
-        label = "train (no --val-data given, so not held out)"
-        if data.cache is not None:
-            return _first_cached_batch(data.cache, size), label
-        source, texts = data.source, data.texts
-    stream = CaptionBatches(
-        source,
-        loaded.preprocess_val,
-        texts,
-        StreamConfig(batch_size=size, num_batches=None, seed=cfg.seed, shuffle=False),
-    )
-    batch = next(iter(stream), None)
-    if batch is None:
-        raise UserError(f"no readable sample for the held-out batch in {cfg.val_data or cfg.train_data}")
-    return batch, label
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run folder, checkpoints, resume
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def default_run_name(cfg: TrainConfig) -> str:
     model = Path(cfg.model).stem if cfg.model.endswith(".json") else cfg.model
     name = f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{model}-{cfg.variant}-lr_{cfg.lr:g}-b_{cfg.batch_size}-{cfg.precision}"
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def find_resume_state(cfg: TrainConfig) -> Path | None:
-    """The state file ``--resume`` names; ``latest`` with nothing saved yet means a fresh start (None)."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "latest":
-        if not cfg.name:
-            raise UserError("--resume latest needs --name (the run folder under -o/--output to continue)")
-        pointer = Path(cfg.logs) / cfg.name / "checkpoints" / "latest.json"
-        if not pointer.is_file():
-            log.info("--resume latest: nothing saved in %s yet, starting fresh", pointer.parent)
-            return None
-        try:
-            return pointer.parent / json.loads(pointer.read_text())["state"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise UserError(f"{pointer}: unreadable ({e}); pass --resume PATH to a *.state.pt file") from None
-    path = Path(cfg.resume)
-    if path.suffix == ".safetensors":
-        path = path.with_name(path.name.removesuffix(".safetensors") + ".state.pt")
-    if not path.is_file():
-        raise UserError(f"--resume {cfg.resume}: no resume state at {path} (expected a *.state.pt file)")
-    return path
-
-
-def load_resume_state(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling failures come in many types
-        raise UserError(f"--resume {path}: unreadable resume state ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-        raise UserError(f"--resume {path}: not a clipn-ood resume state of version {STATE_VERSION}")
-    weights = path.parent / state["weights"]
-    if not weights.is_file() or ckpt.sha256_file(weights) != state["weights_sha256"]:
-        raise UserError(
-            f"--resume {path}: its weights file {weights} is missing or was changed; pick another state"
-        )
-    return state
-
-
-def _check_resumable(cfg: TrainConfig, state: dict[str, Any], dist_info: DistInfo, workers: int) -> None:
-    saved = state["config"]
-    for key in RESUME_MUST_MATCH:
-        if saved.get(key) != getattr(cfg, key):
-            raise UserError(
-                f"--resume: the run was started with --{key.replace('_', '-')} {saved.get(key)!r}, now "
-                f"{getattr(cfg, key)!r}; resuming must use the same value to continue the same run"
-            )
-    if state["world_size"] != dist_info.world_size or state["workers"] != workers:
-        raise UserError(
-            f"--resume: the run used {state['world_size']} rank(s) × {state['workers']} data worker(s), now "
-            f"{dist_info.world_size} × {workers}; use the same numbers to continue exactly"
-        )
-    changed = [
-        k for k in ("epochs", "lr", "warmup", "wd", "grad_clip", "precision") if saved.get(k) != getattr(cfg, k)
-    ]
-    if changed:
-        log.warning(
-            "--resume: %s differ from the interrupted run; the run continues with the new values",
-            ", ".join(changed),
-        )
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
 
 
 class _StopSignals:
@@ -423,6 +152,44 @@ class _StopSignals:
     def __exit__(self, *exc: object) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
+
+
+class _Throughput:
+    """Samples per second since the last log line."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.samples = time.perf_counter(), 0
+
+    def add(self, samples: int) -> float:
+        self.samples += samples
+        elapsed = time.perf_counter() - self.start
+        return self.samples / elapsed if elapsed > 0 else 0.0
+
+
+@dataclass
+class _Session:
+    """What the steps of one run share, built once by :meth:`Trainer._start`."""
+
+    loaded: LoadedCLIPN
+    core: CLIPN
+    model: nn.Module  # ``core``, or its DDP wrapper
+    data: TrainData
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], Any]
+    checkpoints: Checkpointer
+    pos: Position
+    log_dir: Path
+    heldout: Batch | None = None
+    heldout_label: str = ""
+    writer: Any = None
+    scale: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scale = self.core.scale
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,9 +264,8 @@ class Trainer:
                 package_log.removeHandler(file_handler)
                 file_handler.close()
 
-    def _run(
-        self, log_dir: Path, ckpt_dir: Path, state: dict[str, Any] | None, signals: _StopSignals
-    ) -> TrainResult:
+    def _start(self, log_dir: Path, ckpt_dir: Path, state: dict[str, Any] | None) -> _Session:
+        """Build the model, data and optimiser, and restore ``state`` (None: a fresh run)."""
         cfg, d = self.cfg, self.dist
         # The same on every rank: a random-init base (tests) must be the same model everywhere.
         torch.manual_seed(mix_seed("init", cfg.seed))
@@ -509,232 +275,166 @@ class Trainer:
         data = TrainData(cfg, loaded, d)
         autocast, needs_scaler = autocast_for(cfg.precision, d.device)
         scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
-        optimizer = torch.optim.AdamW(
-            param_groups(core, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
-        )
-        total_steps = data.num_batches * cfg.epochs
-        start_epoch, start_batch, global_step = 0, 0, 0
-        progress: dict[int, tuple[int, int]] = {}
-        epoch_sums: dict[str, float] = {}
+        optimizer = make_optimizer(core, cfg)
+        checkpoints = Checkpointer(ckpt_dir, cfg, loaded.info, core, optimizer, scaler, data.workers, d)
         if state is not None:
-            _check_resumable(cfg, state, d, data.workers)
-            weights = ckpt_dir / state["weights"]
-            ckpt.load_no_tower(core, ckpt.read_checkpoint(weights).no_state, source=str(weights))
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
-            start_epoch, start_batch, global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
-            progress = {int(k): tuple(v) for k, v in state["progress"][d.rank].items()}  # type: ignore[misc]
-            epoch_sums = dict(state.get("epoch_sums", {}))
-            log.info(
-                "resumed from %s: epoch %d, batch %d, step %d",
-                weights.name,
-                start_epoch + 1,
-                start_batch,
-                global_step,
-            )
-        elif d.is_main:
-            (log_dir / "params.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
-
+            pos = checkpoints.restore(state)
+        else:
+            pos = Position()
+            if d.is_main:
+                atomic_write(log_dir / "params.json", json.dumps(asdict(cfg), indent=2, sort_keys=True))
         model: nn.Module = core
         if d.distributed:
             model = nn.parallel.DistributedDataParallel(
                 core, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
-        scale = core.scale
-        heldout, heldout_label = _heldout_batch(cfg, loaded, data) if d.is_main else (None, "")
-        writer = self._tensorboard(log_dir) if d.is_main and cfg.tensorboard else None
+        s = _Session(loaded, core, model, data, optimizer, scaler, autocast, checkpoints, pos, log_dir)
         if d.is_main:
-            log.info(
-                "training %s (%s variant) on %s: %d samples, %d steps/epoch × %d epochs, global batch %d, "
-                "%d trainable tensors, scale %.2f, device %s",
-                loaded.info.model_name,
-                cfg.variant,
-                data.kind,
-                data.num_samples,
-                data.num_batches,
-                cfg.epochs,
-                cfg.batch_size * d.world_size,
-                len(core.trainable_parameters()),
-                scale,
-                d.device,
-            )
+            s.heldout, s.heldout_label = heldout_batch(cfg, loaded, data)
+            s.writer = self._tensorboard(log_dir) if cfg.tensorboard else None
+            self._announce(s)
+        return s
+
+    def _announce(self, s: _Session) -> None:
+        log.info(
+            "training %s (%s variant) on %s: %d samples, %d steps/epoch × %d epochs, global batch %d, "
+            "%d trainable tensors, scale %.2f, device %s",
+            s.loaded.info.model_name,
+            self.cfg.variant,
+            s.data.kind,
+            s.data.num_samples,
+            s.data.num_batches,
+            self.cfg.epochs,
+            self.cfg.batch_size * self.dist.world_size,
+            len(s.core.trainable_parameters()),
+            s.scale,
+            self.dist.device,
+        )
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def _run(
+        self, log_dir: Path, ckpt_dir: Path, state: dict[str, Any] | None, signals: _StopSignals
+    ) -> TrainResult:
+        s = self._start(log_dir, ckpt_dir, state)
+        start_epoch = s.pos.epoch
         history: list[dict[str, Any]] = []
         last_checkpoint: Path | None = None
-
-        def save(tag: str, epoch: int, batch_in_epoch: int, sums: dict[str, float]) -> Path:
-            all_progress: list[Any] = [progress]
-            all_rng: list[Any] = [_rng_state()]
-            if d.distributed:
-                all_progress = [None] * d.world_size
-                all_rng = [None] * d.world_size
-                dist.all_gather_object(all_progress, progress)
-                dist.all_gather_object(all_rng, _rng_state())
-            path = ckpt_dir / f"{tag}.safetensors"
-            if d.is_main:
-                meta = ckpt.no_tower_metadata(
-                    model_name=loaded.info.model_name,
-                    model_config=loaded.info.model_config,
-                    pretrained=loaded.info.pretrained,
-                    weights_sha256=loaded.info.weights_sha256,
-                    variant=cfg.variant,
-                    epoch=epoch,
-                    step=global_step,
-                )
-                sha = ckpt.save_no_tower(path, core, meta)
-                body = {
-                    "format": STATE_FORMAT,
-                    "version": STATE_VERSION,
-                    "weights": path.name,
-                    "weights_sha256": sha,
-                    "epoch": epoch,
-                    "batch_in_epoch": batch_in_epoch,
-                    "global_step": global_step,
-                    "progress": [{str(k): list(v) for k, v in p.items()} for p in all_progress],
-                    "rng": all_rng,
-                    "workers": data.workers,
-                    "world_size": d.world_size,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None,
-                    "config": asdict(cfg),
-                    "epoch_sums": sums,
-                }
-                buf = io.BytesIO()
-                torch.save(body, buf)
-                ckpt.atomic_write_bytes(ckpt_dir / f"{tag}.state.pt", buf.getvalue())
-                pointer = {"state": f"{tag}.state.pt", "weights": path.name, "global_step": global_step}
-                ckpt.atomic_write_bytes(ckpt_dir / "latest.json", json.dumps(pointer).encode())
-                log.info("saved %s (step %d)", path, global_step)
-            return path
-
         interrupted = False
-        for epoch in range(start_epoch, cfg.epochs):
-            sums = epoch_sums or {k: 0.0 for k in (*PARTS, "steps")}
-            epoch_sums = {}
-            bar = tqdm(
-                total=data.num_batches,
-                initial=start_batch,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                unit="step",
-                dynamic_ncols=True,
-                disable=None if d.is_main else True,
-            )
-            window_start, window_samples = time.perf_counter(), 0
-            batches: Iterator[Batch] = iter(data.batches(epoch, start_batch, progress))
-            batch_index = start_batch
-            try:
-                for batch in batches:
-                    lr = cosine_lr(global_step, cfg.lr, cfg.warmup, total_steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    parts = self._step(
-                        model,
-                        core,
-                        batch.to(d.device),
-                        optimizer,
-                        scaler,
-                        autocast,
-                        scale,
-                        prompt_index_of(core, batch),
-                    )
-                    global_step += 1
-                    batch_index += 1
-                    progress[batch.worker] = (batch.consumed, batch.corrupt)
-                    for k in PARTS:
-                        sums[k] += parts[k]
-                    sums["steps"] += 1
-                    window_samples += len(batch) * d.world_size
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_samples / elapsed if elapsed > 0 else 0.0
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{parts['total']:.4f}",
-                        yes=f"{parts['itbo_yes']:.3f}",
-                        no=f"{parts['itbo_no']:.3f}",
-                        tso=f"{parts['tso']:.3f}",
-                        lr=f"{lr:.2e}",
-                        sps=f"{rate:.0f}",
-                    )
-                    if d.is_main and (global_step % cfg.log_every_n_steps == 0 or batch_index == data.num_batches):
-                        log.info(
-                            "epoch %d step %d/%d: loss %.5f (itbo_yes %.4f, itbo_no %.4f, tso %.4f) lr %.3e, "
-                            "%.1f samples/s",
-                            epoch + 1,
-                            batch_index,
-                            data.num_batches,
-                            parts["total"],
-                            parts["itbo_yes"],
-                            parts["itbo_no"],
-                            parts["tso"],
-                            lr,
-                            rate,
-                        )
-                        if writer is not None:
-                            for k in PARTS:
-                                writer.add_scalar(f"train/{k}", parts[k], global_step)
-                            writer.add_scalar("train/lr", lr, global_step)
-                            writer.add_scalar("train/samples_per_second", rate, global_step)
-                        window_start, window_samples = time.perf_counter(), 0
-                    if self._stop_requested(signals, global_step) and batch_index < data.num_batches:
-                        last_checkpoint = save(f"step_{global_step}", epoch, batch_index, sums)
-                        interrupted = True
-                        break
-            finally:
-                bar.close()
-                del batches
+        while s.pos.epoch < self.cfg.epochs:
+            saved = self._train_epoch(s, signals)
+            if saved is not None:  # stopped mid-epoch
+                last_checkpoint, interrupted = saved, True
+                break
+            history.append(self._end_epoch(s))
+            saved, interrupted = self._epoch_boundary(s, signals)
+            last_checkpoint = saved or last_checkpoint
             if interrupted:
                 break
-            history.append(
-                self._end_epoch(
-                    epoch, global_step, sums, progress, heldout, heldout_label, core, autocast, log_dir, writer
-                )
-            )
-            start_batch, progress = 0, {}  # before saving: the state is "at the start of the next epoch"
-            if (epoch + 1) % cfg.save_frequency == 0 or epoch + 1 == cfg.epochs:
-                last_checkpoint = save(f"epoch_{epoch + 1}", epoch + 1, 0, {})
-            if self._stop_requested(signals, global_step) and epoch + 1 < cfg.epochs:
-                if (epoch + 1) % cfg.save_frequency != 0:
-                    last_checkpoint = save(f"epoch_{epoch + 1}", epoch + 1, 0, {})
-                interrupted = True
-                break
-        if writer is not None:
-            writer.close()
-        if d.distributed:
+        if s.writer is not None:
+            s.writer.close()
+        if self.dist.distributed:
             dist.barrier()
         epochs_done = history[-1]["epoch"] if history else start_epoch
-        return TrainResult(log_dir, global_step, epochs_done, interrupted, last_checkpoint, history, core)
+        return TrainResult(log_dir, s.pos.global_step, epochs_done, interrupted, last_checkpoint, s.core, history)
 
-    def _step(
-        self,
-        model: nn.Module,
-        core: CLIPN,
-        batch: Batch,
-        optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler | None,
-        autocast: Callable[[], Any],
-        scale: float,
-        prompt_index: Tensor | None,
-    ) -> dict[str, float]:
+    def _train_epoch(self, s: _Session, signals: _StopSignals) -> Path | None:
+        """The rest of the current epoch; the checkpoint saved when a stop request ends it early, else None."""
+        cfg, d, pos = self.cfg, self.dist, s.pos
+        pos.epoch_sums = pos.epoch_sums or {k: 0.0 for k in (*PARTS, "steps")}
+        bar = tqdm(
+            total=s.data.num_batches,
+            initial=pos.batch_in_epoch,
+            desc=f"epoch {pos.epoch + 1}/{cfg.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            disable=None if d.is_main else True,
+        )
+        throughput = _Throughput()
+        batches: Iterator[Batch] = iter(s.data.batches(pos.epoch, pos.batch_in_epoch, pos.progress))
+        try:
+            for batch in batches:
+                lr = apply_lr(s.optimizer, cfg, pos.global_step, s.data.num_batches * cfg.epochs)
+                parts = self._step(s, batch.to(d.device), prompt_index_of(s.core, batch))
+                pos.global_step += 1
+                pos.batch_in_epoch += 1
+                pos.progress[batch.worker] = (batch.consumed, batch.corrupt)
+                for k in PARTS:
+                    pos.epoch_sums[k] += parts[k]
+                pos.epoch_sums["steps"] += 1
+                rate = throughput.add(len(batch) * d.world_size)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{parts['total']:.4f}",
+                    yes=f"{parts['itbo_yes']:.3f}",
+                    no=f"{parts['itbo_no']:.3f}",
+                    tso=f"{parts['tso']:.3f}",
+                    lr=f"{lr:.2e}",
+                    sps=f"{rate:.0f}",
+                )
+                last_of_epoch = pos.batch_in_epoch == s.data.num_batches
+                if d.is_main and (pos.global_step % cfg.log_every_n_steps == 0 or last_of_epoch):
+                    self._log_step(s, parts, lr, rate)
+                    throughput.restart()
+                if self._stop_requested(signals, pos.global_step) and not last_of_epoch:
+                    return s.checkpoints.save(f"step_{pos.global_step}", pos)
+        finally:
+            bar.close()
+            del batches
+        return None
+
+    def _epoch_boundary(self, s: _Session, signals: _StopSignals) -> tuple[Path | None, bool]:
+        """Save at the end of an epoch when due (or when asked to stop); → (checkpoint or None, stop)."""
+        cfg, pos = self.cfg, s.pos
+        pos.next_epoch()  # before saving: the state is "at the start of the next epoch"
+        due = pos.epoch % cfg.save_frequency == 0 or pos.epoch == cfg.epochs
+        saved = s.checkpoints.save(f"epoch_{pos.epoch}", pos) if due else None
+        if self._stop_requested(signals, pos.global_step) and pos.epoch < cfg.epochs:
+            if not due:
+                saved = s.checkpoints.save(f"epoch_{pos.epoch}", pos)
+            return saved, True
+        return saved, False
+
+    def _step(self, s: _Session, batch: Batch, prompt_index: Tensor | None) -> dict[str, float]:
+        optimizer, scaler, clip = s.optimizer, s.scaler, self.cfg.grad_clip
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            image, text, text_no = batch_features(model, core, batch, prompt_index)
-        parts = distributed_clipn_loss(image, text, text_no, scale, local_loss=self.cfg.local_loss)
-        params = core.trainable_parameters()
+        with s.autocast():
+            image, text, text_no = batch_features(s.model, s.core, batch, prompt_index)
+        parts = distributed_clipn_loss(image, text, text_no, s.scale, local_loss=self.cfg.local_loss)
+        params = s.core.trainable_parameters()
         if scaler is not None:
             scaler.scale(parts["total"]).backward()  # type: ignore[no-untyped-call]
-            if self.cfg.grad_clip is not None:
+            if clip is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, clip)
             scaler.step(optimizer)
             scaler.update()
         else:
             parts["total"].backward()  # type: ignore[no-untyped-call]
-            if self.cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
         values = torch.stack([parts[k].detach() for k in PARTS]).tolist()
         return dict(zip(PARTS, values, strict=True))
+
+    def _log_step(self, s: _Session, parts: dict[str, float], lr: float, rate: float) -> None:
+        pos = s.pos
+        log.info(
+            "epoch %d step %d/%d: loss %.5f (itbo_yes %.4f, itbo_no %.4f, tso %.4f) lr %.3e, %.1f samples/s",
+            pos.epoch + 1,
+            pos.batch_in_epoch,
+            s.data.num_batches,
+            parts["total"],
+            parts["itbo_yes"],
+            parts["itbo_no"],
+            parts["tso"],
+            lr,
+            rate,
+        )
+        if s.writer is not None:
+            for k in PARTS:
+                s.writer.add_scalar(f"train/{k}", parts[k], pos.global_step)
+            s.writer.add_scalar("train/lr", lr, pos.global_step)
+            s.writer.add_scalar("train/samples_per_second", rate, pos.global_step)
 
     def _stop_requested(self, signals: _StopSignals, global_step: int) -> bool:
         stop = signals.received is not None or (self.should_stop is not None and self.should_stop(global_step))
@@ -744,49 +444,42 @@ class Trainer:
             stop = bool(flag.item())
         return stop
 
-    def _end_epoch(
-        self,
-        epoch: int,
-        step: int,
-        sums: dict[str, float],
-        progress: dict[int, tuple[int, int]],
-        heldout: Batch | None,
-        heldout_label: str,
-        core: CLIPN,
-        autocast: Callable[[], Any],
-        log_dir: Path,
-        writer: Any,
-    ) -> dict[str, Any]:
-        d = self.dist
-        corrupt = torch.tensor([float(sum(c for _, c in progress.values()))], device=d.device)
+    def _end_epoch(self, s: _Session) -> dict[str, Any]:
+        """The epoch's record: mean losses, skipped samples and (main rank) the held-out p_no report."""
+        d, pos, sums = self.dist, s.pos, s.pos.epoch_sums
+        corrupt = torch.tensor([float(sum(c for _, c in pos.progress.values()))], device=d.device)
         if d.distributed:
             dist.all_reduce(corrupt)
         steps = max(1.0, sums["steps"])
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+        record: dict[str, Any] = {"epoch": pos.epoch + 1, "step": pos.global_step}
         record.update({f"loss_{k}" if k != "total" else "loss": sums[k] / steps for k in PARTS})
         record["skipped_samples"] = int(corrupt.item())
-        if d.is_main and heldout is not None:
-            matched, mismatched = heldout_p_no(core, heldout.to(d.device), autocast)
-            record.update(
-                p_no_matched=matched, p_no_mismatched=mismatched, heldout=heldout_label, heldout_size=len(heldout)
-            )
-            log.info(
-                "epoch %d done: mean loss %.5f; held-out p_no matched %.4f (should fall), mismatched %.4f "
-                "(should rise) on %d pairs of %s; %d corrupt/unreadable samples skipped",
-                epoch + 1,
-                record["loss"],
-                matched,
-                mismatched,
-                len(heldout),
-                heldout_label,
-                record["skipped_samples"],
-            )
-            with (log_dir / "results.jsonl").open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer is not None:
-                writer.add_scalar("heldout/p_no_matched", matched, step)
-                writer.add_scalar("heldout/p_no_mismatched", mismatched, step)
+        if d.is_main and s.heldout is not None:
+            self._report_heldout(s, record)
         return record
+
+    def _report_heldout(self, s: _Session, record: dict[str, Any]) -> None:
+        assert s.heldout is not None
+        matched, mismatched = heldout_p_no(s.core, s.heldout.to(self.dist.device), s.autocast)
+        record.update(
+            p_no_matched=matched, p_no_mismatched=mismatched, heldout=s.heldout_label, heldout_size=len(s.heldout)
+        )
+        log.info(
+            "epoch %d done: mean loss %.5f; held-out p_no matched %.4f (should fall), mismatched %.4f "
+            "(should rise) on %d pairs of %s; %d corrupt/unreadable samples skipped",
+            record["epoch"],
+            record["loss"],
+            matched,
+            mismatched,
+            len(s.heldout),
+            s.heldout_label,
+            record["skipped_samples"],
+        )
+        with (s.log_dir / "results.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if s.writer is not None:
+            s.writer.add_scalar("heldout/p_no_matched", matched, record["step"])
+            s.writer.add_scalar("heldout/p_no_mismatched", mismatched, record["step"])
 
     @staticmethod
     def _tensorboard(log_dir: Path) -> Any:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers import SyntheticBundle, SyntheticBundleFactory, TinyBundleFactory
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import onnx
+
+    from clipn_train.factory import LoadedCLIPN
 
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
-def torch_one_thread():  # type: ignore[no-untyped-def]
+def torch_one_thread() -> Iterator[None]:
     """Tiny models on a shared 2-core machine run several times faster on one thread (no spin-waiting).
 
     Use per module: ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``.
@@ -32,32 +41,8 @@ def tiny_config() -> Path:
 # ---- runtime (issue 5) fixtures: begin ---------------------------------------------------------------------
 # A *synthetic* bundle for fast runtime unit tests: a fixed random linear "encoder" (flattened image → D
 # features) followed by the CLIPN scoring ops, built directly with onnx.helper, plus a manifest. Its numpy twin
-# (``SyntheticBundle.reference``) feeds the same features to clipn_runtime.scoring, so a test can check what
-# the runtime reports against the reference math. End-to-end tests use the exporter's ``tiny_bundle``.
-
-
-class SyntheticBundle:
-    def __init__(
-        self,
-        root: Path,
-        classes: list[str],
-        encoder: object,
-        bank: object,
-        bank_no: object,
-        scale: float,
-        preprocess: object,
-    ) -> None:
-        self.root, self.classes, self.encoder = root, classes, encoder
-        self.bank, self.bank_no, self.scale, self.preprocess = bank, bank_no, scale, preprocess
-
-    def reference(self, batch: object) -> object:
-        """clipn_runtime.scoring applied to the encoder's features of ``batch`` (N×3×S×S normalised fp32)."""
-        import numpy as np
-
-        from clipn_runtime.scoring import score_features
-
-        x = np.asarray(batch, dtype=np.float64).reshape(len(batch), -1)  # type: ignore[arg-type]
-        return score_features(x @ np.asarray(self.encoder, dtype=np.float64), self.bank, self.bank_no, self.scale)
+# (``helpers.SyntheticBundle.reference``) feeds the same features to clipn_runtime.scoring, so a test can check
+# what the runtime reports against the reference math. End-to-end tests use the exporter's ``tiny_bundle``.
 
 
 def build_synthetic_bundle(
@@ -79,6 +64,7 @@ def build_synthetic_bundle(
     from clipn_runtime.bundle import (
         BundleFile,
         Manifest,
+        ModelIdentity,
         Preprocess,
         Scoring,
         TensorSpec,
@@ -97,18 +83,22 @@ def build_synthetic_bundle(
     bank_no /= np.linalg.norm(bank_no, axis=1, keepdims=True)
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
-    nodes, inits = [], []
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
 
-    def const(name: str, value: object) -> str:
+    def const(name: str, value: npt.ArrayLike) -> str:
         inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def op(kind: str, ins: list[str], out: str, **attrs: object) -> str:
+    def op(kind: str, ins: list[str], out: str, **attrs: Any) -> str:
         nodes.append(helper.make_node(kind, ins, [out], **attrs))
         return out
 
+    def out_shape(name: str) -> list[int | str]:
+        return ["batch", c] if name in FULL_OUTPUTS else ["batch"]
+
     elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "uint8": TensorProto.UINT8}[input_dtype]
-    shape = ["batch", 3, s, s] if input_layout == "NCHW" else ["batch", s, s, 3]
+    shape: list[int | str] = ["batch", 3, s, s] if input_layout == "NCHW" else ["batch", s, s, 3]
     x = "image"
     if input_dtype == "uint8":  # raw crops, normalised inside the graph
         x = op("Cast", [x], "x_f", to=TensorProto.FLOAT)
@@ -156,12 +146,7 @@ def build_synthetic_bundle(
 
     out_names = list(SCALAR_OUTPUTS) + (list(FULL_OUTPUTS) if full_outputs else [])
     dtypes = {"pred": TensorProto.INT64, "ood_ctw": TensorProto.BOOL, "ood_atd": TensorProto.BOOL}
-    outs = [
-        helper.make_tensor_value_info(
-            n, dtypes.get(n, TensorProto.FLOAT), ["batch", c] if n in FULL_OUTPUTS else ["batch"]
-        )
-        for n in out_names
-    ]
+    outs = [helper.make_tensor_value_info(n, dtypes.get(n, TensorProto.FLOAT), out_shape(n)) for n in out_names]
     graph = helper.make_graph(
         nodes, "synthetic_clipn", [helper.make_tensor_value_info("image", elem, shape)], outs, inits
     )
@@ -179,14 +164,11 @@ def build_synthetic_bundle(
         "image_engine",
         precision=precision,
         inputs=[TensorSpec("image", shape, input_dtype)],
-        outputs=[
-            TensorSpec(n, ["batch", c] if n in FULL_OUTPUTS else ["batch"], spec_dtype.get(n, "float32"))
-            for n in out_names
-        ],
+        outputs=[TensorSpec(n, out_shape(n), spec_dtype.get(n, "float32")) for n in out_names],
     )
     pre = Preprocess(s, mean, std, input_layout=input_layout, input_dtype=input_dtype)
     manifest = Manifest(
-        model={"name": "synthetic-linear", "config": None, "pretrained": None, "checkpoint": None},
+        model=ModelIdentity("synthetic-linear"),
         preprocess=pre,
         classes=list(classes),
         prompts={"name": "clipn", "yes": ["a photo of a {}."], "no": ["a photo without {}."]},
@@ -207,11 +189,11 @@ def synthetic_bundle(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundl
 
 
 @pytest.fixture(scope="session")
-def synthetic_bundle_factory(tmp_path_factory: pytest.TempPathFactory) -> object:
+def synthetic_bundle_factory(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundleFactory:
     """``make(classes, **options)`` → a fresh :class:`SyntheticBundle` in its own temp dir."""
 
-    def make(classes: list[str], **kw: object) -> SyntheticBundle:
-        return build_synthetic_bundle(tmp_path_factory.mktemp("synthetic_bundle"), classes, **kw)  # type: ignore[arg-type]
+    def make(classes: list[str], **kw: Any) -> SyntheticBundle:
+        return build_synthetic_bundle(tmp_path_factory.mktemp("synthetic_bundle"), classes, **kw)
 
     return make
 
@@ -227,30 +209,33 @@ def synthetic_bundle_factory(tmp_path_factory: pytest.TempPathFactory) -> object
 TINY_CLASSES = ["cat", "dog", "car"]
 
 
-def make_tiny_clipn(config: Path, seed: int = 0) -> object:
+def make_tiny_clipn(config: Path, seed: int = 0) -> LoadedCLIPN:
     """A tiny random-init ``LoadedCLIPN`` (learnable variant) whose no tower differs from its yes tower."""
-    import torch
+    # A runtime-only install (pip install -e ".[dev]") has no torch: tests of exported bundles skip there and
+    # run in the full install; the runtime's own tests use the torch-free synthetic bundles.
+    torch = pytest.importorskip("torch", reason="exported test bundles need the `export` extra (torch)")
 
-    from clipn_train.model import create_clipn
+    from clipn_train.factory import create_clipn
 
     torch.manual_seed(seed)
     loaded = create_clipn(config)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         prompt = loaded.model.prompt_no
+        assert prompt is not None, "create_clipn's default variant is the learnable-prompt one"
         # Small on purpose: at scale 100 larger prompts saturate every p_no at 1, and the scores of different
         # images would coincide (ATD spread ~1e-5 at 0.5, ~0.1 at 0.003).
         prompt.copy_(torch.randn(prompt.shape, generator=g) * 0.003)
     return loaded
 
 
-def save_official_checkpoint(loaded: object, path: Path) -> Path:
+def save_official_checkpoint(loaded: LoadedCLIPN, path: Path) -> Path:
     """Write ``loaded.model`` in the official CLIPN layout: {'epoch','name','state_dict','optimizer'}, keys
     prefixed ``module.``, CLIP keys under their open_clip names, no tower as ``transformer_no.*`` etc."""
     import torch
 
-    state = {}
-    for k, v in loaded.model.state_dict().items():  # type: ignore[attr-defined]
+    state: dict[str, torch.Tensor] = {}
+    for k, v in loaded.model.state_dict().items():
         name = k[len("clip.") :] if k.startswith("clip.") else k
         state["module." + name] = v.detach().clone()
     torch.save(
@@ -260,38 +245,38 @@ def save_official_checkpoint(loaded: object, path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_clipn(tiny_config: Path) -> object:
-    """A session-wide tiny CLIPN (``clipn_train.model.LoadedCLIPN``); do not modify it."""
+def tiny_clipn(tiny_config: Path) -> LoadedCLIPN:
+    """A session-wide tiny CLIPN (``clipn_train.factory.LoadedCLIPN``); do not modify it."""
     return make_tiny_clipn(tiny_config)
 
 
 @pytest.fixture(scope="session")
-def tiny_official_checkpoint(tiny_clipn: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_official_checkpoint(tiny_clipn: LoadedCLIPN, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tiny_clipn`` saved as an official-layout CLIPN ``.pt`` checkpoint (load with --model tiny_config)."""
     return save_official_checkpoint(tiny_clipn, tmp_path_factory.mktemp("official") / "clipn_tiny_epoch_10.pt")
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_clipn: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_bundle(tiny_clipn: LoadedCLIPN, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An fp32 bundle of ``tiny_clipn`` for ["cat", "dog", "car"] exported by clipn_export (NCHW float32
     input, scalar outputs only, 32-px images, scale 100 as the released CLIPN weights). Returns its directory."""
     from clipn_export.exporter import export_bundle
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
-    export_bundle(tiny_clipn, TINY_CLASSES, out, scale=100.0, progress=False)  # type: ignore[arg-type]
+    export_bundle(tiny_clipn, TINY_CLASSES, out, scale=100.0, progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle_factory(tiny_clipn: object, tmp_path_factory: pytest.TempPathFactory) -> object:
+def tiny_bundle_factory(tiny_clipn: LoadedCLIPN, tmp_path_factory: pytest.TempPathFactory) -> TinyBundleFactory:
     """``make(classes=TINY_CLASSES, **export_bundle_options)`` → a fresh bundle dir of ``tiny_clipn``
     (e.g. ``make(fp16=True, int8=True, uint8_input=True, full_outputs=True, embeddings=True)``)."""
     from clipn_export.exporter import export_bundle
 
-    def make(classes: list[str] | None = None, **options: object) -> Path:
+    def make(classes: list[str] | None = None, **options: Any) -> Path:
         out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
         options.setdefault("progress", False)
-        export_bundle(tiny_clipn, classes or TINY_CLASSES, out, **options)  # type: ignore[arg-type]
+        export_bundle(tiny_clipn, classes or TINY_CLASSES, out, **options)
         return out
 
     return make
@@ -304,7 +289,7 @@ def tiny_bundle_factory(tiny_clipn: object, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="session")
-def tiny_ov_bundle(tiny_clipn: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_ov_bundle(tiny_clipn: LoadedCLIPN, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An open-vocabulary bundle of ``tiny_clipn`` for ["cat", "dog", "car"] (``export_bundle(...,
     open_vocabulary=True)``) with fp32, fp16 and int8 engines, scale 100. Do not modify it: copy it first
     (:func:`copy_bundle`) to write bank caches or tamper with files."""
@@ -312,7 +297,7 @@ def tiny_ov_bundle(tiny_clipn: object, tmp_path_factory: pytest.TempPathFactory)
 
     out = tmp_path_factory.mktemp("tiny_ov_bundle") / "bundle"
     export_bundle(
-        tiny_clipn,  # type: ignore[arg-type]
+        tiny_clipn,
         TINY_CLASSES,
         out,
         scale=100.0,

@@ -3,52 +3,28 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from helpers import hashed_bundle
 
 from clipn_runtime.bundle import (
     MANIFEST_NAME,
     BundleError,
     BundleFile,
-    Manifest,
-    Preprocess,
-    Scoring,
+    ModelIdentity,
     TensorSpec,
-    hash_entry,
     load_manifest,
+    sha256_file,
     write_manifest,
 )
-
-
-def _bundle(tmp_path: Path) -> Manifest:
-    (tmp_path / "model.onnx").write_bytes(b"not really onnx, but hashed all the same")
-    (tmp_path / "text_bank.npz").write_bytes(b"bank")
-    m = Manifest(
-        model={"name": "ViT-B-16", "pretrained": None, "checkpoint_sha256": "ab" * 32},
-        preprocess=Preprocess(224, (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)),
-        classes=["cat", 'hot dog, "chili"', "日本"],
-        prompts={"name": "clipn", "yes": ["a {}"], "no": ["no {}"]},
-        scoring=Scoring(scale=100.0),
-        files=[
-            hash_entry(
-                tmp_path,
-                "model.onnx",
-                "image_engine",
-                precision="fp32",
-                inputs=[TensorSpec("image", ["batch", 3, 224, 224], "float32")],
-                outputs=[TensorSpec("pred", ["batch"], "int64")],
-            ),
-            hash_entry(tmp_path, "text_bank.npz", "text_bank"),
-        ],
-        versions={"clipn-ood": "0.1.0", "opset": 17},
-    )
-    write_manifest(tmp_path, m)
-    return m
+from clipn_runtime.vocab import ClassListMismatch, check_classes
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    m = _bundle(tmp_path)
+    m = hashed_bundle(tmp_path)
     loaded = load_manifest(tmp_path)
     assert loaded == m
     assert loaded.engine("fp32").path == "model.onnx"
@@ -58,7 +34,7 @@ def test_round_trip(tmp_path: Path) -> None:
 
 
 def test_tampered_file_is_refused(tmp_path: Path) -> None:
-    _bundle(tmp_path)
+    hashed_bundle(tmp_path)
     (tmp_path / "model.onnx").write_bytes(b"tampered")
     with pytest.raises(BundleError, match=r"model.onnx: sha256 does not match"):
         load_manifest(tmp_path)
@@ -66,7 +42,7 @@ def test_tampered_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_file_and_unknown_version(tmp_path: Path) -> None:
-    _bundle(tmp_path)
+    hashed_bundle(tmp_path)
     (tmp_path / "text_bank.npz").unlink()
     with pytest.raises(BundleError, match="text_bank.npz: listed in clipn.json but missing"):
         load_manifest(tmp_path)
@@ -78,7 +54,7 @@ def test_missing_file_and_unknown_version(tmp_path: Path) -> None:
 
 
 def test_schema_errors_list_every_problem(tmp_path: Path) -> None:
-    _bundle(tmp_path)
+    hashed_bundle(tmp_path)
     raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
     raw["classes"] = []
     raw["preprocess"]["mean"] = [0.5]
@@ -92,7 +68,7 @@ def test_schema_errors_list_every_problem(tmp_path: Path) -> None:
         assert part in msg
 
 
-def test_not_a_bundle(tmp_path: Path) -> None:
+def test_not_ahashed_bundle(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="no clipn.json"):
         load_manifest(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text("{ broken")
@@ -106,3 +82,88 @@ def test_not_a_bundle(tmp_path: Path) -> None:
 def test_bundle_file_defaults() -> None:
     f = BundleFile("a", "b", "image_engine")
     assert f.inputs == [] and f.output("x") is None
+
+
+def _raw(root: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    return data
+
+
+def _write_raw(root: Path, raw: dict[str, Any]) -> None:
+    (root / MANIFEST_NAME).write_text(json.dumps(raw), encoding="utf-8")
+
+
+def test_model_section_is_typed_and_keeps_what_it_does_not_know(tmp_path: Path) -> None:
+    hashed_bundle(tmp_path)
+    raw = _raw(tmp_path)
+    raw["model"].update({"variant": "handcrafted", "context_length": 77, "from_a_newer_exporter": {"x": 1}})
+    _write_raw(tmp_path, raw)
+    m = load_manifest(tmp_path)
+    assert isinstance(m.model, ModelIdentity)
+    assert (m.model.name, m.model.variant, m.model.context_length) == ("ViT-B-16", "handcrafted", 77)
+    assert not m.model.records_arguments  # written before the exporter recorded --model/--pretrained
+    write_manifest(tmp_path, m)
+    again = _raw(tmp_path)["model"]
+    assert again["from_a_newer_exporter"] == {"x": 1} and set(raw["model"]) <= set(again)
+    assert "extra" not in again  # the same JSON keys as before the section had a type
+    assert load_manifest(tmp_path) == m
+
+
+def test_model_section_errors_are_listed(tmp_path: Path) -> None:
+    hashed_bundle(tmp_path)
+    raw = _raw(tmp_path)
+    raw["model"] = {"config": "ViT", "variant": "other", "context_length": 0, "checkpoint_path": 3}
+    _write_raw(tmp_path, raw)
+    with pytest.raises(BundleError) as e:
+        load_manifest(tmp_path)
+    for key in ("name", "config", "variant", "context_length", "checkpoint_path"):
+        assert f"'model.{key}'" in str(e.value), key
+
+
+def _listed(root: Path, path: str, role: str) -> dict[str, str]:
+    (root / path).write_bytes(path.encode())
+    return {"path": path, "sha256": sha256_file(root / path), "role": role}
+
+
+def test_open_vocabulary_section_must_name_listed_files_with_their_roles(tmp_path: Path) -> None:
+    hashed_bundle(tmp_path)
+    raw = _raw(tmp_path)
+    files = raw["files"]
+    raw["open_vocabulary"] = {
+        "text_encoders": {"yes": "yes.onnx", "no": "no.onnx"},
+        "bank_inputs": {"yes": "bank", "no": "bank_no"},
+        "tokenizer": "tok.json",
+        "context_length": 77,
+        "embed_dim": 8,
+    }
+    raw["files"] = [
+        *files,
+        _listed(tmp_path, "yes.onnx", "text_encoder_yes"),
+        _listed(tmp_path, "tok.json", "other"),
+    ]
+    _write_raw(tmp_path, raw)
+    with pytest.raises(BundleError) as e:
+        load_manifest(tmp_path)
+    msg = str(e.value)
+    assert "'open_vocabulary' names 'no.onnx', which 'files' does not list" in msg
+    assert "'tok.json' as the tokenizer, but 'files' lists it as 'other'" in msg
+    assert "yes.onnx" not in msg
+    raw["files"] = [
+        *files,
+        _listed(tmp_path, "yes.onnx", "text_encoder_yes"),
+        _listed(tmp_path, "no.onnx", "text_encoder_no"),
+        _listed(tmp_path, "tok.json", "tokenizer"),
+    ]
+    _write_raw(tmp_path, raw)
+    assert load_manifest(tmp_path).is_open_vocabulary
+
+
+def test_the_section_not_the_file_roles_makes_a_bundle_open_vocabulary(tmp_path: Path) -> None:
+    m = hashed_bundle(tmp_path)
+    roles = [BundleFile(f"{r}.bin", "0" * 64, r) for r in ("text_encoder_yes", "text_encoder_no", "tokenizer")]
+    with_roles = replace(m, files=[*m.files, *roles])
+    assert not with_roles.is_open_vocabulary
+    # no section, so no way to compute banks: the answer is the export that makes one, not a silent accept
+    with pytest.raises(ClassListMismatch) as e:
+        check_classes(with_roles, ["another class"])
+    assert "--open-vocabulary" in (e.value.open_vocabulary_command or "")

@@ -22,9 +22,13 @@ def test_precedence_clipn_cache_then_xdg_then_home(monkeypatch: pytest.MonkeyPat
 
 def test_every_tool_caches_under_the_one_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from benchmarks.harness import default_cache_dir as bench_cache
     from clipn_export.textbank import default_cache_dir as text_bank_cache
     from clipn_runtime.openvocab import user_cache_dir as runtime_bank_cache
+
+    # The benchmarks are scripts that import each other by bare name (``harness``, ``common``), as
+    # tests/test_benchmarks.py does: ``benchmarks.harness`` would be the same file under a second module name.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from harness import default_cache_dir as bench_cache
 
     monkeypatch.setenv("CLIPN_CACHE", str(tmp_path))
     assert text_bank_cache() == tmp_path / "text-banks"

@@ -1,20 +1,23 @@
 """clipn-demo: the CLI's contract (fast) and accuracy guards on the quick and full chains (slow, run in CI).
 
 The guards' thresholds come from margins measured over three seeds of ``clipn-demo --quick`` and ``clipn-demo``
-(the per-seed tables are in README.md, clipn-demo section); each sits well inside the worst seed measured, so a
+(the per-seed tables are in docs/demo.md); each sits well inside the worst seed measured, so a
 guard catches a chain that stopped learning, not seed noise.
 """
 
 from __future__ import annotations
 
+import ast
+import fnmatch
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from clipn_eval.demo import FULL, QUICK, DemoResult, main, make_split, run_demo
+from clipn_demo.cli import main
+from clipn_demo.demo import FULL, QUICK, DemoResult, make_split, run_demo
 
-# Guard thresholds (see README.md, clipn-demo section, "Accuracy guards (CI)", for the measured margins behind them).
+# Guard thresholds (see docs/demo.md, "Accuracy guards (CI)", for the measured margins behind them).
 MIN_ATD_AUROC = 0.9  # measured min 0.989
 MIN_ATD_OVER_CONTROL = 0.2  # measured min margin 0.458
 MAX_ATD_BELOW_MCM = 0.05  # measured: ATD ≥ MCM + 0.008 on every seed and split
@@ -23,7 +26,7 @@ MAX_INT8_DELTA = 0.02  # measured max |Δ AUROC| int8 vs fp32: 0.001
 MAX_CONTROL_SPREAD = 1e-5  # measured ≤ 1.5e-7 quick, ≤ 2.4e-7 full (float32 rounding)
 CONTROL_AUROC_TOLERANCE = 0.15  # measured max |AUROC − 0.5| 0.084: ranking of rounding noise
 
-# Full mode (3 seeds, README "Full run"): the minima measured are in the comments.
+# Full mode (3 seeds, docs/demo.md "Full run"): the minima measured are in the comments.
 FULL_MIN_CLIP_SHAPE = 0.75  # 8-way zero-shot shape accuracy of the tiny CLIP: min 0.881
 FULL_MIN_ATD = {"shape": 0.90, "combo": 0.93, "colour": 0.97}  # min 0.951 / 0.979 / 0.998
 FULL_MIN_ID_ACCURACY = {"shape": 0.85, "combo": 0.90, "colour": 0.97}  # min 0.926 / 0.969 / 1.000
@@ -57,7 +60,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_continue(monkeypatch: pytest.Monke
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("clipn_eval.demo.run_demo", interrupted)
+    monkeypatch.setattr("clipn_demo.cli.run_demo", interrupted)
     r = CliRunner().invoke(main, ["--quick", "-o", str(tmp_path / "d"), "--no-progress"])
     assert r.exit_code == 130
     assert "run the same command again" in r.output and "Traceback" not in r.output
@@ -69,6 +72,45 @@ def test_splits_partition_the_world() -> None:
         assert len(sp.id_concepts) + len(sp.ood_concepts) == 64
         assert not set(sp.id_concepts) & set(sp.ood_concepts)
         assert set(sp.id_concepts.values()) == set(sp.classes)
+
+
+def _imports(source: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_only_the_demo_depends_on_the_demo() -> None:
+    """The demo is a client of the other packages, never the reverse: clipn_train is CLIPN training alone."""
+    import clipn_demo
+
+    root = Path(clipn_demo.__file__).parents[1]
+    offenders = [
+        f"{source.relative_to(root)} imports {name}"
+        for package in ("clipn_runtime", "clipn_train", "clipn_export", "clipn_eval")
+        for source in sorted((root / package).rglob("*.py"))
+        for name in sorted(_imports(source))
+        if name.split(".")[0] == "clipn_demo"
+    ]
+    assert not offenders
+
+
+def test_the_toy_model_config_ships_with_the_package() -> None:
+    """pyproject's package-data must carry the tiny CLIP's config, or an installed clipn-demo cannot start."""
+    import clipn_demo
+    from clipn_demo.pretrain import TOY_MODEL_CONFIG
+
+    root = Path(clipn_demo.__file__).parent
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = pyproject["tool"]["setuptools"]["package-data"]["clipn_demo"]
+    relative = TOY_MODEL_CONFIG.relative_to(root).as_posix()
+    assert TOY_MODEL_CONFIG.is_file() and any(fnmatch.fnmatch(relative, g) for g in globs), (relative, globs)
+    assert "py.typed" in globs and (root / "py.typed").is_file()
 
 
 def _common_checks(res: DemoResult, split: str) -> float:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -17,38 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from helpers import BLOCK_TORCH, SyntheticBundle, SyntheticBundleFactory, make_clip, make_images, png_header_only
 from PIL import Image
 
 from clipn_runtime.cli import main
 from clipn_runtime.detector import RECORD_FIELDS, Detector
 from clipn_runtime.output import CSV_FIELDS
-
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("torch", "torchvision", "open_clip", "clipn_train", "clipn_export"):
-                raise ImportError(f"blocked for this test: {name}")
-    sys.meta_path.insert(0, Block())
-    """
-)
-
-
-def make_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (40, 30)) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    out = []
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    for i in range(n):
-        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        t = ((xx / w) if i % 2 else (yy / h))[..., None]
-        a = (c0 * (1 - t) + c1 * t + rng.normal(0, 10, (h, w, 3))).clip(0, 255).astype(np.uint8)
-        p = folder / f"img{i:04d}.png"
-        Image.fromarray(a).save(p)
-        out.append(p)
-    return out
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -66,7 +39,7 @@ def test_help_teaches() -> None:
         assert part in r.output
 
 
-def test_folder_to_jsonl_equals_the_api(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_folder_to_jsonl_equals_the_api(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     paths = make_images(tmp_path / "imgs", 9)
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(synthetic_bundle.classes) + "\n", encoding="utf-8")
@@ -74,12 +47,14 @@ def test_folder_to_jsonl_equals_the_api(synthetic_bundle: Any, tmp_path: Path) -
     assert r.exit_code == 0, r.stderr
     recs = records(r.stdout)
     assert [tuple(rec) for rec in recs] == [RECORD_FIELDS] * 9
-    api = Detector(synthetic_bundle.root).detect(paths)
+    # The same batches (-b 4) through the same engine settings: bit-identical. Other batch sizes may round
+    # differently (onnxruntime does not promise batch-invariant sums), so equality is asked only here.
+    api = Detector(synthetic_bundle.root, batch_size=4).detect(paths)
     assert recs == [d.to_dict() for d in api]
     assert "9 scored (ID" in r.stderr and "images/s" in r.stderr and "CPUExecutionProvider" in r.stderr
 
 
-def test_engine_from_environment_and_missing_engine(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_engine_from_environment_and_missing_engine(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     make_images(tmp_path, 1)
     r = run(str(tmp_path / "img0000.png"), env={"CLIPN_ENGINE": str(synthetic_bundle.root)})
     assert r.exit_code == 0 and len(records(r.stdout)) == 1
@@ -89,7 +64,9 @@ def test_engine_from_environment_and_missing_engine(synthetic_bundle: Any, tmp_p
     assert r.exit_code == 2 and "no clipn.json" in r.stderr
 
 
-def test_classes_mismatch_exits_2_with_the_export_command(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_classes_mismatch_exits_2_with_the_export_command(
+    synthetic_bundle: SyntheticBundle, tmp_path: Path
+) -> None:
     make_images(tmp_path, 1)
     other = tmp_path / "other.txt"
     other.write_text("cat\nzebra\n")
@@ -103,18 +80,7 @@ def test_classes_mismatch_exits_2_with_the_export_command(synthetic_bundle: Any,
     assert r.exit_code == 2 and f"{dup}:2: duplicate class 'cat'" in r.stderr
 
 
-def _png_header_only(w: int, h: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
-
-
-def test_every_bad_input_kind_gets_an_error_record(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_every_bad_input_kind_gets_an_error_record(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     d = tmp_path / "in"
     good = make_images(d, 2)
     buf = io.BytesIO()
@@ -122,8 +88,8 @@ def test_every_bad_input_kind_gets_an_error_record(synthetic_bundle: Any, tmp_pa
     (d / "truncated.jpg").write_bytes(buf.getvalue()[:300])
     (d / "zero.png").write_bytes(b"")
     (d / "notes.jpg").write_text("not an image at all")
-    (d / "bomb.png").write_bytes(_png_header_only(20000, 20000))  # 400 Mpx claimed in a 60-byte file
-    (d / "huge.png").write_bytes(_png_header_only(10000, 10000))  # over PIL's default limit, under 2×
+    (d / "bomb.png").write_bytes(png_header_only(20000, 20000))  # 400 Mpx claimed in a 60-byte file
+    (d / "huge.png").write_bytes(png_header_only(10000, 10000))  # over PIL's default limit, under 2×
     (d / "dangling.png").symlink_to(d / "deleted.png")
     expected = {
         "truncated.jpg": "truncated image file",
@@ -158,7 +124,7 @@ def test_every_bad_input_kind_gets_an_error_record(synthetic_bundle: Any, tmp_pa
     assert r.exit_code == 1 and "over the limit of 100" in records(r.stdout)[0]["error"]
 
 
-def test_csv_quoting(synthetic_bundle_factory: Any, tmp_path: Path) -> None:
+def test_csv_quoting(synthetic_bundle_factory: SyntheticBundleFactory, tmp_path: Path) -> None:
     classes = ["plain", "with, comma", 'with "quotes"', "semi;colon 'single'"]
     b = synthetic_bundle_factory(classes, seed=3)
     d = tmp_path / "in"
@@ -183,7 +149,7 @@ def test_csv_quoting(synthetic_bundle_factory: Any, tmp_path: Path) -> None:
     assert {row["pred"] for row in rows} & {"with, comma", 'with "quotes"'}, "no quoted class was predicted"
 
 
-def test_table_format(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_table_format(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     good = make_images(tmp_path, 2)
     (tmp_path / "bad.png").write_text("x")
     r = run(str(good[0]), str(tmp_path / "bad.png"), "-e", str(synthetic_bundle.root), "--format", "table")
@@ -198,7 +164,7 @@ def test_table_format(synthetic_bundle: Any, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "needs --format jsonl or csv" in r.stderr
 
 
-def test_list_files_and_recursion(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_list_files_and_recursion(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     top = make_images(tmp_path / "root", 2)
     sub = make_images(tmp_path / "root" / "sub", 2, seed=1)
     (tmp_path / "root" / "readme.txt").write_text("ignored: not an image extension")
@@ -215,7 +181,7 @@ def test_list_files_and_recursion(synthetic_bundle: Any, tmp_path: Path) -> None
     assert r.exit_code == 2 and "nope.txt: cannot read this list" in r.stderr
 
 
-def test_resume_and_output_protection(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_resume_and_output_protection(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     paths = make_images(tmp_path / "imgs", 8)
     out = tmp_path / "out.jsonl"
     first = tmp_path / "first.txt"
@@ -238,7 +204,7 @@ def test_resume_and_output_protection(synthetic_bundle: Any, tmp_path: Path) -> 
     assert r.exit_code == 2 and "--resume continues an earlier -o FILE" in r.stderr
 
 
-def test_resume_csv_with_a_cut_quoted_record(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_resume_csv_with_a_cut_quoted_record(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     d = tmp_path / "in"
     paths = make_images(d, 4)
     (d / "img0003.png").rename(d / "z,\nlast.png")
@@ -271,7 +237,9 @@ def _cli(*args: str, blocked: bool = False, **kw: Any) -> subprocess.Popen[str]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_resume_gives_every_image_exactly_once(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_ctrl_c_then_resume_gives_every_image_exactly_once(
+    synthetic_bundle: SyntheticBundle, tmp_path: Path
+) -> None:
     seeds = make_images(tmp_path / "imgs", 4, size=(96, 96))
     paths = [tmp_path / "imgs" / f"copy{i:04d}.png" for i in range(1500)]
     for i, p in enumerate(paths):
@@ -300,7 +268,7 @@ def test_ctrl_c_then_resume_gives_every_image_exactly_once(synthetic_bundle: Any
     assert len(got) == len(paths) and set(got) == {str(p) for p in paths}
 
 
-def test_cli_runs_with_torch_blocked(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_cli_runs_with_torch_blocked(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     make_images(tmp_path / "imgs", 3)
     proc = _cli(str(tmp_path / "imgs"), "-e", str(synthetic_bundle.root), blocked=True)
     out, err = proc.communicate(timeout=120)
@@ -309,16 +277,15 @@ def test_cli_runs_with_torch_blocked(synthetic_bundle: Any, tmp_path: Path) -> N
     assert records(out) == records(run(str(tmp_path / "imgs"), "-e", str(synthetic_bundle.root)).stdout)
 
 
-def test_python_dash_m(synthetic_bundle: Any) -> None:
+def test_python_dash_m(synthetic_bundle: SyntheticBundle) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "clipn_runtime", "--help"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0 and "Usage: clipn-detect" in r.stdout
 
 
-def test_video_inputs(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_video_inputs(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     pytest.importorskip("av", reason="PyAV (the `video` extra) is not installed")
-    from test_runtime_video import make_clip
 
     clip = make_clip(tmp_path / "clip.mp4")
     img = make_images(tmp_path, 1)[0]

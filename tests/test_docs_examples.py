@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_clip
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +30,6 @@ def test_detect_docs_python_api_example_runs(
     tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("av", reason="the example reads a video: PyAV (the `video` extra) is not installed")
-    from test_runtime_video import make_clip
 
     code, source = api_example()
     shutil.copytree(tiny_bundle, tmp_path / "bundle")

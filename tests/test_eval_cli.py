@@ -4,7 +4,9 @@ PyTorch reference path agreeing with the engine."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,6 +66,26 @@ def test_eval_writes_every_file_and_resumes(tiny_bundle: Path, tmp_path: Path) -
     assert r2.exit_code == 1
     assert cache_file.read_text() == before  # nothing re-scored
     assert json.loads((out / "metrics.json").read_text())["rows"] == doc["rows"]
+
+
+def test_library_evaluate_returns_the_report_and_prints_nothing(
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clipn_eval.evaluate import EngineScorer, evaluate
+
+    id_dir, ood_a, ood_b = _folders(tmp_path)
+    out = tmp_path / "report"
+    scorer = EngineScorer(tiny_bundle, device="cpu", threads=1)
+    capsys.readouterr()
+    res = evaluate(scorer, id_dir, [("A", ood_a), ("B", ood_b)], ["atd", "msp"], out, plots=False, progress=False)
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == ""  # the CLI prints; a library caller gets the result
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [asdict(r) for r in res.rows] == doc["rows"]
+    assert res.id_accuracy == doc["id_accuracy"] and res.out_dir == out
+    assert res.errors == doc["meta"]["errors"]
+    assert [e["path"] for e in res.errors] == [str(ood_b / "broken.jpg")]
+    assert len(res.id_scores["atd"]) == 12 and len(res.ood_scores["B"]["msp"]) == 8
 
 
 def test_eval_continues_after_a_crash(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -138,7 +160,7 @@ def test_torch_reference_matches_engine(
     ref = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert eng["id_accuracy"] == ref["id_accuracy"]
 
-    def per_image(report: Path) -> dict[str, dict]:
+    def per_image(report: Path) -> dict[str, dict[str, Any]]:
         rows = {}
         for f in (report / "scores").rglob("*.jsonl"):
             rows.update({r["path"]: r for r in map(json.loads, f.read_text().splitlines())})
@@ -154,3 +176,26 @@ def test_torch_reference_matches_engine(
     for a, b in zip(eng["rows"], ref["rows"], strict=True):
         if a["method"] in ("msp", "mcm", "maxlogit", "energy"):
             assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-6)
+
+
+def test_eval_rerun_from_another_folder_and_thread_count_uses_the_cache(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The score cache is keyed by what changes the numbers and matched by resolved file: neither the folder
+    the command runs from (relative --id/--ood paths) nor --threads makes it score the images again."""
+    id_dir, ood_a, _ = _folders(tmp_path)
+    out = tmp_path / "report"
+    common = ["--engine", str(tiny_bundle), "-o", str(out), "--no-plots"]
+    monkeypatch.chdir(tmp_path)
+    first = [*common, "--id", id_dir.name, "--ood", f"A={ood_a.name}", "--threads", "1"]
+    assert CliRunner().invoke(main, first).exit_code == 0
+    caches = sorted((out / "scores").rglob("*.jsonl"))
+    before = [c.read_text() for c in caches]
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    second = [*common, "--id", f"../{id_dir.name}", "--ood", f"A=../{ood_a.name}", "--threads", "2"]
+    assert CliRunner().invoke(main, second).exit_code == 0
+    assert sorted((out / "scores").rglob("*.jsonl")) == caches
+    assert [c.read_text() for c in caches] == before  # nothing re-scored
+    assert json.loads((out / "metrics.json").read_text())["rows"] == rows

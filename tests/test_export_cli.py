@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -53,7 +54,7 @@ def test_official_checkpoint_end_to_end(
     manifest = load_manifest(out)
     assert manifest.classes == ["cat", 'hot dog, "chili"', "日本の猫"]
     assert [e.precision for e in manifest.engines()] == ["fp32", "fp16"]
-    assert manifest.model["checkpoint_kind"] == "official"
+    assert manifest.model.checkpoint_kind == "official"
     assert list((tmp_path / "c").glob("*.npz"))  # the text bank was cached
 
 
@@ -72,7 +73,7 @@ def test_user_mistakes_exit_2_without_traceback(
     tiny_config: Path,
     classes_file: Path,
     tmp_path: Path,
-    change: dict,
+    change: dict[str, Any],
     message: str,
 ) -> None:
     ckpt = tmp_path / change["checkpoint"] if "checkpoint" in change else tiny_official_checkpoint
@@ -137,3 +138,35 @@ def test_cuda_device_without_gpu_is_a_user_error(
     args = _args(tiny_official_checkpoint, tiny_config, classes_file, tmp_path / "b", "--device", "cuda")
     r = CliRunner().invoke(main, args)
     assert r.exit_code == EXIT_USAGE and "no CUDA GPU" in r.output and "Traceback" not in r.output
+
+
+def test_the_cli_fills_one_export_options_with_the_library_defaults(tmp_path: Path) -> None:
+    """clipn-export and export_bundle share ExportOptions: the CLI's defaults are the library's, and every
+    option lands in its field (none dropped on the way)."""
+    from clipn_export.cli import _parse
+    from clipn_export.options import ExportOptions
+    from clipn_export.parity import ParityOptions
+
+    required = ["--checkpoint", "c.pt", "--classes", "imagenet", "-o", str(tmp_path / "b")]
+    request, options = _parse(main.make_context("clipn-export", list(required)).params)
+    assert options == ExportOptions() and request.checkpoint == "c.pt"
+    flags = ["--fp16", "--uint8-input", "--max-batch", "8", "--triton-name", "m", "--threads", "2", "-q"]
+    parity = ["--parity-images", "4", "--parity-atol", "0.5", "--parity-min-rank-int8", "0.5", "--no-parity"]
+    _, options = _parse(main.make_context("clipn-export", [*required, *flags, *parity]).params)
+    assert options == ExportOptions(
+        fp16=True,
+        uint8_input=True,
+        max_batch=8,
+        triton_name="m",
+        threads=2,
+        progress=False,
+        parity=ParityOptions(enabled=False, images=4, atol=0.5, min_rank_corr={"fp16": 0.99, "int8": 0.5}),
+    )
+
+
+def test_export_bundle_names_an_unknown_option(tiny_clipn: Any, tmp_path: Path) -> None:
+    from clipn_export.exporter import export_bundle
+
+    with pytest.raises(TypeError, match=r"unknown options \['fp61'\].*ExportOptions"):
+        export_bundle(tiny_clipn, ["cat"], tmp_path / "b", fp61=True)
+    assert not (tmp_path / "b").exists()

@@ -1,27 +1,39 @@
-"""--tensorrt: what can be checked without TensorRT here, and the real build where TensorRT and a GPU exist."""
+"""--tensorrt: the build through fake TensorRT 10/11 and pycuda modules (tests/fake_gpu.py), what can be checked
+without TensorRT, and the real build where TensorRT and a GPU exist."""
 
 from __future__ import annotations
 
 import builtins
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
-import onnx
+import numpy as np
 import pytest
+from fake_gpu import COMPUTE_CAPABILITY, GPU_NAME, install_fake_gpu
 
-from clipn_export import onnx_export as ox
 from clipn_export import tensorrt as trt_mod
 from clipn_export.exporter import export_bundle
+from clipn_runtime.bundle import load_manifest
+from clipn_runtime.detector import Detector
 from clipn_runtime.errors import UserError
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+TRT_VERSIONS = ["10.13.3", "11.1.0"]
 
 
 def _cuda() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+@pytest.fixture
+def fake_gpu_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch sees no GPU here; the exporter reads the GPU a plan is for from the fake one."""
+    cc = "{}.{}".format(*COMPUTE_CAPABILITY)
+    monkeypatch.setattr(trt_mod, "gpu_info", lambda: {"gpu": GPU_NAME, "compute_capability": cc})
 
 
 def test_profile_shapes() -> None:
@@ -34,18 +46,55 @@ def test_profile_shapes() -> None:
         trt_mod.profile_shapes((3, 8, 8), 0)
 
 
-def test_fp32_pinning_selects_exactly_the_head_and_preprocessing(tiny_bundle_factory: Any) -> None:
-    """TensorRT names layers after ONNX nodes; the prefixes must separate the parts of the merged graph."""
-    bundle = tiny_bundle_factory(uint8_input=True)
-    model = onnx.load(str(bundle / "model.onnx"))
-    names = [n.name for n in model.graph.node]
-    pinned = [n for n in names if trt_mod.pinned_to_fp32(n)]
-    free = [n for n in names if not trt_mod.pinned_to_fp32(n)]
-    assert pinned and free
-    assert all(n.startswith(ox.PREFIX_ENCODER) for n in free)
-    ops = {n.op_type for n in model.graph.node if trt_mod.pinned_to_fp32(n.name)}
-    assert {"MatMul", "Sigmoid", "ArgMax"} <= ops  # the scoring head is among the pinned layers
-    assert not any(n.op_type == "LayerNormalization" for n in model.graph.node if trt_mod.pinned_to_fp32(n.name))
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+@pytest.mark.parametrize("fp16", [True, False], ids=["fp16", "fp32"])
+def test_plan_is_a_strongly_typed_build_of_the_engines_own_onnx_and_runs(
+    tiny_clipn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gpu_info: None, version: str, fp16: bool
+) -> None:
+    """TensorRT 11 has no FP16 flag or layer precisions; 10 accepts them only for weak typing. The plan is built
+    strongly typed from model.fp16.onnx (fp16 encoder, fp32 head in the graph) or model.onnx, and the runtime
+    runs it natively with the results of that ONNX engine."""
+    gpu = install_fake_gpu(monkeypatch, version)
+    out = tmp_path / "b"
+    export_bundle(tiny_clipn, ["cat", "dog"], out, fp16=fp16, tensorrt=True, max_batch=4, progress=False)
+    source = "model.fp16.onnx" if fp16 else "model.onnx"
+    log = gpu.build
+    assert [Path(p).name for p in log.parsed] == [source]
+    assert log.strongly_typed == [True] and log.builds == 1 and log.errors == []
+    assert log.layer_precisions_set == 0 and not log.flags_set
+    info = load_manifest(out).tensorrt
+    assert info is not None
+    assert info["version"] == version and info["typing"] == "strong" and info["source"] == source
+    assert info["precision"] == ("fp16" if fp16 else "fp32") and info["profile"]["max"][0] == 4
+
+    native = Detector(out, device="tensorrt")
+    onnx = Detector(out, device="cpu", precision="fp16" if fp16 else "fp32")
+    assert native.engine_file == "model.plan" and native.batch_size == 4
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    got, ref = native.run(x), onnx.run(x)
+    for name in ("pred", "ood_ctw", "ood_atd"):
+        np.testing.assert_array_equal(got[name], ref[name])
+    # the same ONNX graph in onnxruntime CPU behind the fake, other session options
+    assert np.abs(got["atd"] - ref["atd"]).max() < 1e-5
+    native.close()
+
+
+def test_a_timing_cache_tensorrt_rejects_is_replaced(
+    synthetic_bundle: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gpu_info: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """set_timing_cache returns False for a cache from another TensorRT or GPU: warn and start a new one."""
+    gpu = install_fake_gpu(monkeypatch, TRT_VERSIONS[1])
+    stale = tmp_path / "timing.cache"
+    stale.write_bytes(b"FAKE-TRT-TIMING-CACHE 10.0.1 sm80")
+    with caplog.at_level(logging.WARNING, logger="clipn_export"):
+        trt_mod.build_engine(
+            synthetic_bundle.root / "model.onnx", tmp_path / "model.plan", input_name="image",
+            sample_shape=(3, 16, 16), max_batch=2, timing_cache=stale,
+        )  # fmt: skip
+    assert "TensorRT rejected this timing cache" in caplog.text
+    assert stale.read_bytes() == f"FAKE-TRT-TIMING-CACHE {gpu.trt.__version__} sm89".encode()
+    assert (tmp_path / "model.plan").stat().st_size > 0
 
 
 def test_missing_tensorrt_is_a_clear_error_before_any_work(
@@ -70,8 +119,6 @@ def test_missing_tensorrt_is_a_clear_error_before_any_work(
 @pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is not installed (it needs an NVIDIA GPU machine)")
 @pytest.mark.skipif(HAVE_TENSORRT and not _cuda(), reason="no CUDA GPU visible")
 def test_tensorrt_plan_is_built_and_recorded(tiny_clipn: Any, tmp_path: Path) -> None:  # pragma: no cover
-    from clipn_runtime.bundle import load_manifest
-
     cache = tmp_path / "timing.cache"
     export_bundle(
         tiny_clipn, ["cat", "dog"], tmp_path / "b", fp16=True, tensorrt=True, max_batch=8, timing_cache=cache,
@@ -80,7 +127,7 @@ def test_tensorrt_plan_is_built_and_recorded(tiny_clipn: Any, tmp_path: Path) ->
     manifest = load_manifest(tmp_path / "b")
     assert manifest.tensorrt is not None
     assert {"version", "gpu", "compute_capability"} <= set(manifest.tensorrt)
-    assert manifest.tensorrt["profile"]["max"][0] == 8 and manifest.tensorrt["fp32_layers"] > 0
+    assert manifest.tensorrt["profile"]["max"][0] == 8 and manifest.tensorrt["source"] == "model.fp16.onnx"
     plan = manifest.file("tensorrt_engine")
     assert plan is not None and (tmp_path / "b" / plan.path).stat().st_size > 0
     assert cache.stat().st_size > 0

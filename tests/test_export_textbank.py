@@ -1,4 +1,4 @@
-"""Text banks: the prompt ensembling of DESIGN §3, exact under context truncation, deduplicated and cached."""
+"""Text banks: the prompt ensembling of docs/export.md, exact under context truncation, deduplicated and cached."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_context_truncation_is_exact(tiny_clipn: Any) -> None:
 
 
 def test_handcrafted_variant_feeds_no_templates_to_the_no_tower(tiny_config: Path) -> None:
-    from clipn_train.model import create_clipn
+    from clipn_train.factory import create_clipn
 
     torch.manual_seed(0)
     loaded = create_clipn(tiny_config, variant="handcrafted")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import TINY_CLASSES, copy_bundle
+from helpers import BLOCK_TORCH
 from PIL import Image
 
 from clipn_runtime.bundle import BundleError, load_manifest
@@ -287,7 +288,6 @@ def test_clipn_detect_refuses_other_classes_for_a_plain_bundle(
 
 
 def test_new_classes_work_with_torch_blocked(bundle: Path, images: list[Path]) -> None:
-    from test_packaging import BLOCK_TORCH
 
     code = f"""
 import sys
@@ -315,8 +315,8 @@ def test_handcrafted_variant_feeds_the_no_templates_to_the_no_tower(tiny_config:
 
     from clipn_export.openvocab_export import write_open_vocabulary
     from clipn_export.textbank import build_text_bank
-    from clipn_runtime.bundle import Manifest, Preprocess, Scoring
-    from clipn_train.model import create_clipn
+    from clipn_runtime.bundle import Manifest, ModelIdentity, Preprocess, Scoring
+    from clipn_train.factory import create_clipn
 
     torch.manual_seed(3)
     loaded = create_clipn(tiny_config, variant="handcrafted")
@@ -326,7 +326,7 @@ def test_handcrafted_variant_feeds_the_no_templates_to_the_no_tower(tiny_config:
     section, files = write_open_vocabulary(loaded, tmp_path)
     ps = load_prompts("clean")
     manifest = Manifest(
-        model={"name": "tiny", "variant": "handcrafted"},
+        model=ModelIdentity("tiny", variant="handcrafted"),
         preprocess=Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
         classes=["cat"],
         prompts={**ps.to_dict(), "variant": "handcrafted"},
@@ -350,7 +350,7 @@ def test_handcrafted_variant_feeds_the_no_templates_to_the_no_tower(tiny_config:
 def replace_variant(manifest: Any) -> Any:
     from dataclasses import replace
 
-    return replace(manifest, model={**manifest.model, "variant": "learnable"})
+    return replace(manifest, model=replace(manifest.model, variant="learnable"))
 
 
 def test_docs_open_vocabulary_example_runs(

@@ -8,16 +8,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("torch", "torchvision", "open_clip", "clipn_train", "clipn_export"):
-                raise ImportError(f"blocked for this test: {name}")
-    sys.meta_path.insert(0, Block())
-    """
-)
+from helpers import BLOCK_TORCH
 
 
 def run_blocked(code: str) -> subprocess.CompletedProcess[str]:

@@ -36,6 +36,7 @@ def test_official_pairs_verbatim() -> None:
 
 def test_clean_set() -> None:
     ps = load_prompts("clean")
+    assert ps.no is not None
     assert ps.yes[0] == "a bad photo of a {}." and ps.no[0] == "a bad photo of no {}."
     assert ps.yes[34] == "a photo of a {}."
     assert all("'" not in t[:1] and not t.endswith(",") for t in ps.yes + ps.no)

@@ -10,40 +10,12 @@ import pytest
 
 av = pytest.importorskip("av", reason="PyAV (the `video` extra) is not installed")
 
+from helpers import CLIP_FPS, CLIP_FRAMES, CLIP_H, CLIP_W, SyntheticBundle, make_clip  # noqa: E402
+
 from clipn_runtime.detector import Detector  # noqa: E402
 from clipn_runtime.video import VideoError, iter_frames, prefetch  # noqa: E402
 
-FPS, N_FRAMES, W, H = 10, 12, 64, 48
-
-
-def _codec() -> str:
-    for name in ("mpeg4", "libx264", "h264", "mjpeg"):
-        try:
-            av.codec.Codec(name, "w")
-            return name
-        except Exception:
-            continue
-    pytest.skip("this FFmpeg build has no usable video encoder")
-
-
-def make_clip(path: Path, n: int = N_FRAMES) -> Path:
-    """A clip whose frames differ strongly (colour ramps), so their scores differ too."""
-    codec = _codec()
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=FPS)
-        stream.width, stream.height = W, H
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        yy, xx = np.mgrid[0:H, 0:W]
-        for i in range(n):
-            c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-            t = ((xx / W) if i % 2 else (yy / H))[..., None]
-            img = (c0 * (1 - t) + c1 * t).clip(0, 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+FPS, N_FRAMES, W, H = CLIP_FPS, CLIP_FRAMES, CLIP_W, CLIP_H
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +31,7 @@ def test_iter_frames(clip: Path) -> None:
     assert [f.index for f in iter_frames(str(clip), every=5)] == [0, 5, 10]
 
 
-def test_detect_video_equals_frames_api(synthetic_bundle: Any, clip: Path) -> None:
+def test_detect_video_equals_frames_api(synthetic_bundle: SyntheticBundle, clip: Path) -> None:
     det = Detector(synthetic_bundle.root, batch_size=4)
     recs = list(det.detect_video(clip, every=3))
     assert [r.frame for r in recs] == [0, 3, 6, 9]
@@ -71,7 +43,7 @@ def test_detect_video_equals_frames_api(synthetic_bundle: Any, clip: Path) -> No
         assert (r.pred_index, r.ood, r.scores) == (f.pred_index, f.ood, f.scores)
 
 
-def test_smoothing_is_an_exponential_moving_average(synthetic_bundle: Any, clip: Path) -> None:
+def test_smoothing_is_an_exponential_moving_average(synthetic_bundle: SyntheticBundle, clip: Path) -> None:
     det = Detector(synthetic_bundle.root, batch_size=5)
     plain = list(det.detect_video(clip))
     alpha = 0.3
@@ -79,6 +51,7 @@ def test_smoothing_is_an_exponential_moving_average(synthetic_bundle: Any, clip:
     ema = None
     for p, s in zip(plain, smooth, strict=True):
         x = p.p_ood
+        assert x is not None, p.error
         ema = x if ema is None else alpha * x + (1 - alpha) * ema
         assert s.ood_score_smooth == pytest.approx(ema, abs=1e-12)
         assert s.ood_smooth == (ema > 0.5)
@@ -91,12 +64,12 @@ def test_smoothing_is_an_exponential_moving_average(synthetic_bundle: Any, clip:
         next(iter(det.detect_video(clip, smoothing=0.0)))
 
 
-def test_skip_frames_for_resume(synthetic_bundle: Any, clip: Path) -> None:
+def test_skip_frames_for_resume(synthetic_bundle: SyntheticBundle, clip: Path) -> None:
     det = Detector(synthetic_bundle.root)
     assert [r.frame for r in det.detect_video(clip, every=2, skip_frames={0, 2, 8})] == [4, 6, 10]
 
 
-def test_bad_video_raises_video_error(synthetic_bundle: Any, tmp_path: Path) -> None:
+def test_bad_video_raises_video_error(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\0" * 1000)
     det = Detector(synthetic_bundle.root)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -28,6 +29,9 @@ from clipn_export.tokenizer_export import (  # noqa: E402
 from clipn_runtime.classes import load_classes  # noqa: E402
 from clipn_runtime.prompts import load_prompts  # noqa: E402
 from clipn_runtime.tokenizer import ClipTokenizer, clean_text  # noqa: E402
+
+if TYPE_CHECKING:
+    from open_clip.tokenizer import SimpleTokenizer
 
 HARD_NAMES = [
     "café",
@@ -157,18 +161,18 @@ def corpus() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def simple() -> object:
+def simple() -> SimpleTokenizer:
     return open_clip_tokenizer.SimpleTokenizer()
 
 
 @pytest.fixture(scope="module")
-def runtime_tokenizer(simple: object, tmp_path_factory: pytest.TempPathFactory) -> ClipTokenizer:
+def runtime_tokenizer(simple: SimpleTokenizer, tmp_path_factory: pytest.TempPathFactory) -> ClipTokenizer:
     path = write_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", simple)
     return ClipTokenizer.from_file(path)
 
 
 def test_parity_on_prompts_unicode_entities_long_and_empty(
-    simple: object, runtime_tokenizer: ClipTokenizer
+    simple: SimpleTokenizer, runtime_tokenizer: ClipTokenizer
 ) -> None:
     texts = corpus()
     assert len(texts) > 10_000
@@ -179,7 +183,7 @@ def test_parity_on_prompts_unicode_entities_long_and_empty(
 
 @pytest.mark.slow
 def test_parity_on_all_imagenet_classes_times_official_templates(
-    simple: object, runtime_tokenizer: ClipTokenizer
+    simple: SimpleTokenizer, runtime_tokenizer: ClipTokenizer
 ) -> None:
     ps = load_prompts("clipn")
     texts = [t.replace("{}", n, 1) for n in load_classes("imagenet") for t in ps.yes]
@@ -189,7 +193,7 @@ def test_parity_on_all_imagenet_classes_times_official_templates(
 
 
 @pytest.mark.slow
-def test_parity_on_every_assigned_code_point(simple: object, runtime_tokenizer: ClipTokenizer) -> None:
+def test_parity_on_every_assigned_code_point(simple: SimpleTokenizer, runtime_tokenizer: ClipTokenizer) -> None:
     # Code points newer than Python's Unicode database (Unicode 15+) are the documented exception: the
     # `regex` module and Oniguruma (inside `tokenizers`) classify some of them differently.
     texts = assigned_code_points()
@@ -211,19 +215,19 @@ def test_truncation_keeps_eot_last_and_lengths_count_real_tokens(runtime_tokeniz
     assert batch.ids[4, :4].tolist() == [sot, 0, 349, eot] and batch.lengths[4] == 4
 
 
-def test_cleaning_is_open_clips(simple: object) -> None:
+def test_cleaning_is_open_clips(simple: SimpleTokenizer) -> None:
     for text in HARD_NAMES:
-        assert clean_text(text) == simple.clean_fn(text)  # type: ignore[attr-defined]
+        assert clean_text(text) == simple.clean_fn(text)
 
 
-def test_tokenizer_json_is_deterministic_and_loads(simple: object) -> None:
+def test_tokenizer_json_is_deterministic_and_loads(simple: SimpleTokenizer) -> None:
     a = tokenizer_json(simple)
     assert a == tokenizer_json(simple)
     assert ClipTokenizer.from_str(a).context_length == 77
     assert ClipTokenizer.from_str(tokenizer_json(simple, context_length=16)).context_length == 16
 
 
-def test_unsupported_tokenizers_are_refused(simple: object) -> None:
+def test_unsupported_tokenizers_are_refused(simple: SimpleTokenizer) -> None:
     from clipn_runtime.errors import UserError
 
     canon = open_clip_tokenizer.SimpleTokenizer(clean="canonicalize")

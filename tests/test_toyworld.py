@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
-from clipn_train import toyworld as tw
+from clipn_demo import world as tw
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP
+
+    from clipn_demo.pretrain import CaptionedImages
 
 WORD = re.compile(r"[a-z]+")
 
@@ -150,15 +156,15 @@ def test_split_writes_imagefolder_layout(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def toy_data(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from clipn_train import contrastive
+def toy_data(tmp_path_factory: pytest.TempPathFactory) -> CaptionedImages:
+    from clipn_demo import pretrain
 
     root = tmp_path_factory.mktemp("toy")
     shards = tw.write_shards(root, 48, seed=0, shard_size=32)
-    return contrastive.load_captioned_shards(shards.url)
+    return pretrain.load_captioned_shards(shards.url)
 
 
-def test_loaded_shards_hold_all_captions(toy_data) -> None:  # type: ignore[no-untyped-def]
+def test_loaded_shards_hold_all_captions(toy_data: CaptionedImages) -> None:
     assert tuple(toy_data.images.shape) == (48, 3, 32, 32)
     assert all(len(c) == 5 for c in toy_data.captions)
     assert toy_data.metadata[0]["class_name"] == "red circle"
@@ -168,43 +174,43 @@ def test_normalize_matches_open_clip_eval_transform() -> None:
     import open_clip
     import torch
 
-    from clipn_train import contrastive
+    from clipn_demo import pretrain
 
-    model, _, _ = contrastive.create_clip(contrastive.TOY_MODEL_CONFIG)
+    model, _, _ = pretrain.create_clip(pretrain.TOY_MODEL_CONFIG)
     images = [s.image for s in tw.generate_split(0, 1, tw.all_concepts()[:4])]
     cfg = open_clip.transform.PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
     transform = open_clip.transform.image_transform_v2(cfg, is_train=False)
     expected = torch.stack([transform(im) for im in images])
-    got = contrastive.normalize_images(contrastive.images_to_uint8(images), model)
+    got = pretrain.normalize_images(pretrain.images_to_uint8(images), model)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 def test_toy_config_context_length_is_honoured() -> None:
-    from clipn_train import contrastive
+    from clipn_demo import pretrain
 
-    cfg = contrastive.load_model_config(contrastive.TOY_MODEL_CONFIG)
+    cfg = pretrain.load_model_config(pretrain.TOY_MODEL_CONFIG)
     assert cfg["text_cfg"]["context_length"] == 20
-    tokens = contrastive.tokenizer_for(cfg)(["a photo of a red circle."])
+    tokens = pretrain.tokenizer_for(cfg)(["a photo of a red circle."])
     assert tuple(tokens.shape) == (1, 20)
 
 
-def test_pretrain_smoke_saves_open_clip_loadable_weights(toy_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pretrain_smoke_saves_open_clip_loadable_weights(toy_data: CaptionedImages, tmp_path: Path) -> None:
     import open_clip
     import torch
     from open_clip.model import CLIP
 
-    from clipn_train import contrastive
+    from clipn_demo import pretrain
 
     torch.manual_seed(11)
-    initial, _, cfg = contrastive.create_clip(contrastive.TOY_MODEL_CONFIG)
+    initial, _, cfg = pretrain.create_clip(pretrain.TOY_MODEL_CONFIG)
     calls: list[int] = []
 
-    def evaluate(model, tokenizer):  # type: ignore[no-untyped-def]
+    def evaluate(model: CLIP, tokenizer: Any) -> dict[str, float]:
         calls.append(1)
-        ev = contrastive.ToyEvalSet.generate(0, 1)
-        return contrastive.toy_zero_shot(model, tokenizer, ev)
+        ev = pretrain.ToyEvalSet.generate(0, 1)
+        return pretrain.toy_zero_shot(model, tokenizer, ev)
 
-    result = contrastive.pretrain_clip(
+    result = pretrain.pretrain_clip(
         toy_data,
         steps=3,
         batch_size=16,
@@ -227,51 +233,44 @@ def test_pretrain_smoke_saves_open_clip_loadable_weights(toy_data, tmp_path: Pat
         assert all(0.0 <= v <= 1.0 for k, v in h.items() if k != "step")
 
     # Round trip through open_clip's front door (local-dir) and its load_checkpoint (strict).
-    loaded, tokenizer = contrastive.load_clip(tmp_path / "clip")
+    loaded, tokenizer = pretrain.load_clip(tmp_path / "clip")
     assert tuple(tokenizer(["a red circle"]).shape) == (1, 20)
     for k, v in result.model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     fresh = CLIP(**cfg)
     open_clip.load_checkpoint(fresh, str(result.weights_path), strict=True)
     fresh.eval()
-    images = contrastive.normalize_images(toy_data.images[:4], loaded)
+    images = pretrain.normalize_images(toy_data.images[:4], loaded)
     torch.testing.assert_close(fresh.encode_image(images), result.model.encode_image(images))
-    record = json.loads((tmp_path / "clip" / contrastive.RECORD_NAME).read_text())
+    record = json.loads((tmp_path / "clip" / pretrain.RECORD_NAME).read_text())
     assert record["steps"] == 3 and record["losses"] == [round(x, 4) for x in result.losses]
 
-    again = contrastive.pretrain_clip(
-        toy_data, steps=3, batch_size=16, lr=1e-3, seed=11, threads=1, progress=False
-    )
+    again = pretrain.pretrain_clip(toy_data, steps=3, batch_size=16, lr=1e-3, seed=11, threads=1, progress=False)
     assert again.losses == result.losses
 
 
-def test_pretrain_rejects_bad_input(toy_data) -> None:  # type: ignore[no-untyped-def]
-    from clipn_train import contrastive
+def test_pretrain_rejects_bad_input(toy_data: CaptionedImages) -> None:
+    from clipn_demo import pretrain
 
     with pytest.raises(ValueError, match="cannot fill a batch"):
-        contrastive.pretrain_clip(toy_data, steps=1, batch_size=64, progress=False)
+        pretrain.pretrain_clip(toy_data, steps=1, batch_size=64, progress=False)
     with pytest.raises(ValueError, match="negatives"):
-        contrastive.pretrain_clip(toy_data, steps=1, batch_size=1, progress=False)
+        pretrain.pretrain_clip(toy_data, steps=1, batch_size=1, progress=False)
 
 
 def test_zero_shot_accuracy_scores_predictions() -> None:
     import torch
 
-    from clipn_train import contrastive
+    from clipn_demo import pretrain
 
     torch.manual_seed(0)
-    model, tokenizer, _ = contrastive.create_clip(contrastive.TOY_MODEL_CONFIG)
+    model, tokenizer, _ = pretrain.create_clip(pretrain.TOY_MODEL_CONFIG)
     model.eval()
-    ev = contrastive.ToyEvalSet.generate(0, 1)
-    images = contrastive.normalize_images(ev.images, model)
+    ev = pretrain.ToyEvalSet.generate(0, 1)
+    images = pretrain.normalize_images(ev.images, model)
     names = [lab.class_name for lab in ev.labels]
-    preds = contrastive.predict(model, tokenizer, images, names, contrastive.TOY_CLASS_TEMPLATES)
-    acc = contrastive.zero_shot_accuracy(
-        model, tokenizer, images, list(range(64)), names, contrastive.TOY_CLASS_TEMPLATES
-    )
+    preds = pretrain.predict(model, tokenizer, images, names, tw.CONCEPT_TEMPLATES)
+    acc = pretrain.zero_shot_accuracy(model, tokenizer, images, list(range(64)), names, tw.CONCEPT_TEMPLATES)
     assert acc == pytest.approx(float((preds == torch.arange(64)).float().mean()))
     # Scoring against the predictions themselves must give 1.
-    assert (
-        contrastive.zero_shot_accuracy(model, tokenizer, images, preds, names, contrastive.TOY_CLASS_TEMPLATES)
-        == 1.0
-    )
+    assert pretrain.zero_shot_accuracy(model, tokenizer, images, preds, names, tw.CONCEPT_TEMPLATES) == 1.0

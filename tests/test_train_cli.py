@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_data import make_csv, tiny_weights
+from helpers import make_csv, tiny_weights
 
 from clipn_train import trainer
 from clipn_train.cli import main
-from clipn_train.model import create_clipn
+from clipn_train.factory import create_clipn
 
 # Tiny models on a shared 2-core machine run several times faster on one thread (conftest.py).
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -30,7 +30,8 @@ def files(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 def _run(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as e:
         main(argv)
-    return int(e.value.code)
+    assert isinstance(e.value.code, int), e.value.code
+    return e.value.code
 
 
 def test_help_is_fast_and_does_not_import_torch() -> None:
@@ -46,7 +47,9 @@ def test_help_is_fast_and_does_not_import_torch() -> None:
     assert "--train-data" in out and "--local-loss" in out and "--resume" in out
 
 
-def test_user_errors_exit_2_with_one_clear_line(files: dict[str, str], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_user_errors_exit_2_with_one_clear_line(
+    files: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     common = ["--model", files["model"], "--pretrained", "none", "--workers", "0", "-o", str(tmp_path)]
     assert _run(["--train-data", str(tmp_path / "missing.csv"), *common]) == 2
     err = capsys.readouterr().err
@@ -59,7 +62,9 @@ def test_user_errors_exit_2_with_one_clear_line(files: dict[str, str], tmp_path:
     assert "--resume latest needs --name" in capsys.readouterr().err
 
 
-def test_cache_then_train_then_interrupt(files: dict[str, str], tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_cache_then_train_then_interrupt(
+    files: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     common = ["--model", files["model"], "--pretrained", files["weights"], "--workers", "0", "--precision", "fp32"]
     cache = str(tmp_path / "cache")
     assert _run(["cache-features", "--data", files["csv"], "-o", cache, "--batch-size", "3", *common]) == 0
@@ -82,7 +87,7 @@ def test_cache_then_train_then_interrupt(files: dict[str, str], tmp_path: Path, 
     assert "done: 2 epoch(s), 4 steps" in capsys.readouterr().out
     assert (tmp_path / "logs" / "cli" / "checkpoints" / "epoch_2.safetensors").is_file()
 
-    def pretend_sigint(self):  # type: ignore[no-untyped-def]
+    def pretend_sigint(self: trainer._StopSignals) -> trainer._StopSignals:
         self.received = signal.SIGINT
         return self
 

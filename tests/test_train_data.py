@@ -2,59 +2,24 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import random
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
+from helpers import caption_pairs, make_csv, tiny_weights
 
 from clipn_runtime.errors import InputFileError, UserError
 from clipn_train.cache import CachedBatches, FeatureCache, build_feature_cache, model_identity
-from clipn_train.data import CaptionBatches, CaptionTexts, DataSpec, StreamConfig
-from clipn_train.model import create_clipn
-
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
-
+from clipn_train.data import CaptionBatches, CaptionTexts, DataSpec, Source, StreamConfig
+from clipn_train.factory import LoadedCLIPN, create_clipn
 
 # Tiny models on a shared 2-core machine run several times faster on one thread (conftest.py).
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-def _png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 36)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _pairs(n: int, seed: int = 0) -> list[tuple[bytes, str]]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        rgb = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
-        out.append((_png(rgb), f"a {COLOURS[i % len(COLOURS)]} picture number {i}"))
-    return out
-
-
-def make_csv(folder: Path, n: int = 16, seed: int = 0, missing: int = 0) -> Path:
-    """A TSV of ``n`` images (+ ``missing`` rows naming files that do not exist)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (png, caption) in enumerate(_pairs(n, seed)):
-        (folder / f"img{i}.png").write_bytes(png)
-        rows.append((f"img{i}.png", caption))
-    rows += [(f"gone{i}.png", f"a lost picture {i}") for i in range(missing)]
-    path = folder / "pairs.tsv"
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["filepath", "title"])
-        w.writerows(rows)
-    return path
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -66,7 +31,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def make_shard(path: Path, n: int, seed: int = 0, corrupt: bool = False) -> Path:
     """A webdataset shard of ``n`` good samples; ``corrupt`` adds 3 bad ones (bad image, no caption, empty)."""
     with tarfile.open(path, "w") as tar:
-        for i, (png, caption) in enumerate(_pairs(n, seed)):
+        for i, (png, caption) in enumerate(caption_pairs(n, seed)):
             _add(tar, f"{seed:03d}{i:05d}.png", png)
             _add(tar, f"{seed:03d}{i:05d}.txt", caption.encode())
             if corrupt and i == 1:
@@ -78,24 +43,18 @@ def make_shard(path: Path, n: int, seed: int = 0, corrupt: bool = False) -> Path
     return path
 
 
-def tiny_weights(loaded, folder: Path) -> Path:  # type: ignore[no-untyped-def]
-    path = folder / "tiny-base.safetensors"
-    save_file({k: v.contiguous() for k, v in loaded.model.clip.state_dict().items()}, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny(tiny_config: Path):  # type: ignore[no-untyped-def]
+def tiny(tiny_config: Path) -> LoadedCLIPN:
     torch.manual_seed(0)
     return create_clipn(tiny_config)
 
 
-def _stream(source, tiny, **kw):  # type: ignore[no-untyped-def]
+def _stream(source: Source, tiny: LoadedCLIPN, **kw: Any) -> list[Any]:  # raw batches: images, tokens set
     cfg = StreamConfig(**{"batch_size": 4, "num_batches": None, "shuffle": False, **kw})
     return list(CaptionBatches(source, tiny.preprocess_val, CaptionTexts(tiny.tokenizer, None), cfg))
 
 
-def test_corrupt_samples_in_a_shard_are_skipped_and_counted(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_corrupt_samples_in_a_shard_are_skipped_and_counted(tiny: LoadedCLIPN, tmp_path: Path) -> None:
     make_shard(tmp_path / "s0.tar", 5, seed=0, corrupt=True)
     make_shard(tmp_path / "s2.tar", 2, seed=2, corrupt=True)  # its bad samples come last
     make_shard(tmp_path / "s1.tar", 5, seed=1)
@@ -115,7 +74,7 @@ def test_corrupt_samples_in_a_shard_are_skipped_and_counted(tiny, tmp_path: Path
     assert sum(len(b) for b in batches) == 5 + 3 and batches[-1].corrupt == 3 + 2
 
 
-def test_csv_missing_files_are_skipped_and_bad_headers_are_user_errors(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_csv_missing_files_are_skipped_and_bad_headers_are_user_errors(tiny: LoadedCLIPN, tmp_path: Path) -> None:
     path = make_csv(tmp_path, n=6, missing=2)
     batches = _stream(DataSpec(str(path)).open_source(), tiny)
     assert sum(len(b) for b in batches) == 6 and batches[-1].corrupt == 2
@@ -127,11 +86,11 @@ def test_csv_missing_files_are_skipped_and_bad_headers_are_user_errors(tiny, tmp
         DataSpec(str(tmp_path / "nope-{0..3}.tar")).open_source()
 
 
-def test_epochs_are_deterministic_and_resumable_mid_epoch(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_epochs_are_deterministic_and_resumable_mid_epoch(tiny: LoadedCLIPN, tmp_path: Path) -> None:
     source = DataSpec(str(make_csv(tmp_path, n=12))).open_source()
     transform, texts = tiny.preprocess_train, CaptionTexts(tiny.tokenizer, None)
 
-    def run(**kw):  # type: ignore[no-untyped-def]
+    def run(**kw: Any) -> list[Any]:
         cfg = StreamConfig(batch_size=3, num_batches=4, seed=7, epoch=1, **kw)
         return list(CaptionBatches(source, transform, texts, cfg))
 
@@ -151,14 +110,14 @@ def test_epochs_are_deterministic_and_resumable_mid_epoch(tiny, tmp_path: Path) 
     assert not torch.equal(other_epoch[0].tokens, full[0].tokens)
 
 
-def test_handcrafted_texts_wrap_captions_in_paired_templates(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_handcrafted_texts_wrap_captions_in_paired_templates(tiny: LoadedCLIPN) -> None:
     texts = CaptionTexts(tiny.tokenizer, [("a photo of {}.", "a photo of no {}.")])
     yes, no = texts(["dogs"], [random.Random(0)])
     assert torch.equal(yes, tiny.tokenizer(["a photo of dogs."]))
     assert torch.equal(no, tiny.tokenizer(["a photo of no dogs."]))
 
 
-def test_feature_cache_round_trip_and_model_check(tiny, tiny_config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_feature_cache_round_trip_and_model_check(tiny: LoadedCLIPN, tiny_config: Path, tmp_path: Path) -> None:
     path = make_csv(tmp_path / "data", n=10, missing=1)
     weights = tiny_weights(tiny, tmp_path)
     summary = build_feature_cache(
@@ -187,7 +146,7 @@ def test_feature_cache_round_trip_and_model_check(tiny, tiny_config: Path, tmp_p
     assert torch.equal(tokens, raw.tokens_no) and torch.equal(ids, raw.ids)
     picked = cache.gather(np.array([7, 2, 9, 2]))[0]
     assert torch.equal(picked, image[[7, 2, 9, 2]])
-    batches = list(CachedBatches(cache, batch_size=4, num_batches=5, seed=0, epoch=0, rank=0, world_size=1))
+    batches = list(CachedBatches(cache, StreamConfig(batch_size=4, num_batches=5)))
     assert len(batches) == 5 and all(len(b) == 4 for b in batches)  # cycles past the end of the data
     other = create_clipn(tiny_config, variant="handcrafted")
     with pytest.raises(UserError, match="re-create the cache"):
@@ -202,3 +161,22 @@ def test_feature_cache_round_trip_and_model_check(tiny, tiny_config: Path, tmp_p
             prompts="clean",
             workers=0,
         )
+
+
+def test_a_handcrafted_cache_is_only_trained_with_the_prompts_it_was_made_with(
+    tiny_config: Path, tmp_path: Path
+) -> None:
+    from clipn_train.trainer import TrainConfig, Trainer
+
+    path = make_csv(tmp_path / "data", n=4)
+    build_feature_cache(
+        data=str(path), output=tmp_path / "cache", model=str(tiny_config), pretrained=None, variant="handcrafted",
+        prompts="clean", batch_size=4, workers=0, precision="fp32", dtype="float32",
+    )  # fmt: skip
+    # its no-tower tokens hold the captions wrapped in the 'clean' pairs, not the default ones
+    cfg = TrainConfig(
+        train_data=str(tmp_path / "cache"), model=str(tiny_config), pretrained=None, variant="handcrafted",
+        batch_size=4, epochs=1, workers=0, precision="fp32", logs=str(tmp_path / "logs"), tensorboard=False,
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"made with --prompts clean, but training uses --prompts clipn; pass"):
+        Trainer(cfg).run()

@@ -1,7 +1,7 @@
 """``clipn-demo``: the whole chain on a CPU in minutes, on the toy world.
 
 No pretrained CLIP can be downloaded on the machines this project is built on, so the demo makes one: it draws
-the toy world (coloured shapes with captions, :mod:`clipn_train.toyworld`), pretrains a tiny open_clip CLIP on it
+the toy world (coloured shapes with captions, :mod:`clipn_demo.world`), pretrains a tiny open_clip CLIP on it
 contrastively, trains CLIPN's "no" tower with the real trainer from a feature cache, exports bundles with the
 real exporter (fp32 + int8) and scores held-out ID/OOD splits with the real evaluator. A step-0 CLIPN (the no
 tower still equal to the yes tower, its prompts zero) is exported and scored as the control: its "no"
@@ -13,21 +13,27 @@ and is skipped on a rerun with the same settings.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
+from clipn_demo.world import (
+    COLOUR_TEMPLATES,
+    COLOURS,
+    CONCEPT_TEMPLATES,
+    SHAPE_TEMPLATES,
+    SHAPES,
+    all_concepts,
+    write_image_folder,
+    write_shards,
+)
 from clipn_runtime.errors import UserError
+from clipn_runtime.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +41,6 @@ METHODS: tuple[str, ...] = ("atd", "ctw", "msp", "mcm", "maxlogit", "energy")
 #: Marks a folder as a demo output, so a rerun may replace its stages but a stranger's folder is never touched.
 MARKER = "demo.json"
 STAMP = "stage.json"
-EXIT_OK = 0
-EXIT_EVAL_ERRORS = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-# Templates the toy captions use (clipn_train.toyworld): concept prompts, shape-only, colour-only.
-CONCEPT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}.")
-SHAPE_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.")
-COLOUR_TEMPLATES: tuple[str, ...] = ("something {}.",)
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ class DemoSettings:
     splits: tuple[str, ...]
 
 
-# The CLIP recipe follows the toy-world feasibility runs (clipn_train/toyworld.py): batch 128, lr 2e-3, shape
+# The CLIP recipe follows the toy-world feasibility runs (clipn_demo/world.py): batch 128, lr 2e-3, shape
 # needs ~1000 steps on 30k images; colour is learnt within ~100 steps, so the quick run keeps to the splits
 # that need colour only.
 FULL = DemoSettings("full", 30_000, 1000, 128, 2e-3, 2, 128, 1e-3, 24, ("shape", "combo", "colour"))
@@ -84,8 +81,6 @@ class Split:
 
 def make_split(name: str) -> Split:
     """The demo's named splits (the first four shapes / colours are ID; combo: two colours per shape)."""
-    from clipn_train.toyworld import COLOURS, SHAPES, all_concepts
-
     concepts = all_concepts()
     if name == "shape":
         ids = SHAPES[:4]
@@ -172,21 +167,7 @@ def _fresh(folder: Path) -> Path:
 
 
 def _stamp(folder: Path, key: dict[str, Any]) -> None:
-    (folder / STAMP).write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
-
-
-class _Timer:
-    def __init__(self, result: DemoResult, echo: Callable[[str], None]) -> None:
-        self.result, self.echo = result, echo
-
-    @contextlib.contextmanager
-    def stage(self, name: str, what: str) -> Any:
-        self.echo(f"[{name}] {what} …")
-        t0 = time.perf_counter()
-        yield
-        dt = time.perf_counter() - t0
-        self.result.stage_seconds[name] = round(dt, 1)
-        self.echo(f"[{name}] done in {dt:.1f} s")
+    atomic_write(folder / STAMP, json.dumps(key, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -203,104 +184,123 @@ def run_demo(
     echo: Callable[[str], None] = log.info,
 ) -> DemoResult:
     """Run (or resume) the demo chain in ``out_dir``; returns the combined results."""
-    import torch
-
-    from clipn_train import toyworld
+    from clipn_train.cli import torch_threads
 
     out = Path(out_dir)
     _claim(out)
-    result = DemoResult(out, settings, seed)
-    timer = _Timer(result, echo)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    chain = _Chain(out, settings, seed, threads, progress, echo, DemoResult(out, settings, seed))
     t_start = time.perf_counter()
-    try:
-        splits = [make_split(s) for s in settings.splits]
-        base_key = {"seed": seed, "images": settings.train_images}
+    with torch_threads(threads):
+        for name, what, stage in chain.stages():
+            echo(f"[{name}] {what} …")
+            t0 = time.perf_counter()
+            stage()
+            dt = time.perf_counter() - t0
+            chain.result.stage_seconds[name] = round(dt, 1)
+            echo(f"[{name}] done in {dt:.1f} s")
+    chain.result.stage_seconds["total"] = round(time.perf_counter() - t_start, 1)
+    write_summary(chain.result)
+    return chain.result
 
-        # 1. the world: training shards and held-out ID/OOD folders per split
-        data_dir = out / "data" / "train"
-        with timer.stage("data", f"drawing {settings.train_images} training images and the eval splits"):
-            if not _stage_done(data_dir, base_key):
-                toyworld.write_shards(
-                    _fresh(data_dir), settings.train_images, seed=seed, progress=progress, workers=threads
-                )
-                _stamp(data_dir, base_key)
-            for sp in splits:
-                _write_eval_split(out / "data" / "eval" / sp.name, sp, seed, settings.eval_per_concept, progress)
-        shard_url = _shard_url(data_dir)
 
-        # 2. pretrain the tiny CLIP
-        clip_dir = out / "clip"
-        clip_key = {**base_key, **{k: v for k, v in asdict(settings).items() if k.startswith("clip_")}}
-        with timer.stage("clip", f"pretraining the tiny CLIP ({settings.clip_steps} steps)"):
-            if not _stage_done(clip_dir, clip_key):
-                from clipn_train.contrastive import pretrain_clip
+@dataclass
+class _Chain:
+    """One run's settings, folders and stage keys; a method per stage. A stage whose folder holds the stamp of
+    the same key is skipped, so the keys below decide what a rerun with other settings redoes."""
 
-                pretrain_clip(
-                    shard_url,
-                    steps=settings.clip_steps,
-                    batch_size=settings.clip_batch,
-                    lr=settings.clip_lr,
-                    seed=seed,
-                    out_dir=_fresh(clip_dir),
-                    threads=threads,
-                    progress=progress,
-                )
-                _stamp(clip_dir, clip_key)
-            result.clip_zero_shot = _clip_zero_shot(clip_dir, seed)
-            echo(
-                "[clip] zero-shot accuracy on held-out images: "
-                + ", ".join(f"{k} {100 * v:.1f} %" for k, v in result.clip_zero_shot.items())
+    out: Path
+    settings: DemoSettings
+    seed: int
+    threads: int
+    progress: bool
+    echo: Callable[[str], None]
+    result: DemoResult
+    splits: list[Split] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.splits = [make_split(s) for s in self.settings.splits]
+        self.data_dir, self.clip_dir = self.out / "data" / "train", self.out / "clip"
+        self.cache_dir, self.train_dir = self.out / "cache", self.out / "clipn"
+        self.model_cfg = str(self.clip_dir / "open_clip_config.json")
+        self.weights = str(self.clip_dir / "open_clip_model.safetensors")
+        recipe = asdict(self.settings)
+        self.base_key: dict[str, Any] = {"seed": self.seed, "images": self.settings.train_images}
+        self.clip_key = {**self.base_key, **{k: v for k, v in recipe.items() if k.startswith("clip_")}}
+        self.clipn_key = {**self.clip_key, **{k: v for k, v in recipe.items() if k.startswith("clipn_")}}
+
+    def stages(self) -> list[tuple[str, str, Callable[[], None]]]:
+        """(name, what it does, the stage) in the order they run."""
+        s = self.settings
+        return [
+            ("data", f"drawing {s.train_images} training images and the eval splits", self.data),
+            ("clip", f"pretraining the tiny CLIP ({s.clip_steps} steps)", self.clip),
+            ("clipn", "caching frozen features and training the no tower", self.clipn),
+            ("export", f"exporting {2 * len(self.splits)} bundles", self.export),
+            ("eval", "scoring held-out ID/OOD images", self.evaluate),
+        ]
+
+    def data(self) -> None:
+        """1. The world: training shards and held-out ID/OOD folders per split."""
+        if not _stage_done(self.data_dir, self.base_key):
+            write_shards(
+                _fresh(self.data_dir),
+                self.settings.train_images,
+                seed=self.seed,
+                progress=self.progress,
+                workers=self.threads,
             )
-        model_cfg, weights = str(clip_dir / "open_clip_config.json"), str(clip_dir / "open_clip_model.safetensors")
+            _stamp(self.data_dir, self.base_key)
+        for sp in self.splits:
+            folder = self.out / "data" / "eval" / sp.name
+            _write_eval_split(folder, sp, self.seed, self.settings.eval_per_concept, self.progress)
 
-        # 3. CLIPN's no tower with the real trainer, from cached frozen features
-        cache_dir, train_dir = out / "cache", out / "clipn"
-        clipn_key = {**clip_key, **{k: v for k, v in asdict(settings).items() if k.startswith("clipn_")}}
-        with timer.stage("clipn", "caching frozen features and training the no tower"):
-            if not _stage_done(cache_dir, clip_key):
-                from clipn_train.cache import build_feature_cache
+    def clip(self) -> None:
+        """2. Pretrain the tiny CLIP, then measure its zero-shot accuracy on held-out images."""
+        if not _stage_done(self.clip_dir, self.clip_key):
+            from clipn_demo.pretrain import pretrain_clip
 
-                if cache_dir.exists():
-                    shutil.rmtree(cache_dir)
-                build_feature_cache(
-                    data=shard_url,
-                    output=cache_dir,
-                    model=model_cfg,
-                    pretrained=weights,
-                    variant="learnable",
-                    prompts="clean",
-                    batch_size=256,
-                    workers=0,
-                    precision="fp32",
-                    dtype="float32",
-                    seed=seed,
-                )
-                _stamp(cache_dir, clip_key)
-            if not _stage_done(train_dir, clipn_key):
-                _train_clipn(cache_dir, _fresh(train_dir), model_cfg, weights, settings, seed)
-                _stamp(train_dir, clipn_key)
-        checkpoint = _last_checkpoint(train_dir)
+            pretrain_clip(
+                _shard_url(self.data_dir),
+                steps=self.settings.clip_steps,
+                batch_size=self.settings.clip_batch,
+                lr=self.settings.clip_lr,
+                seed=self.seed,
+                out_dir=_fresh(self.clip_dir),
+                threads=self.threads,
+                progress=self.progress,
+            )
+            _stamp(self.clip_dir, self.clip_key)
+        self.result.clip_zero_shot = _clip_zero_shot(self.clip_dir, self.seed)
+        self.echo(
+            "[clip] zero-shot accuracy on held-out images: "
+            + ", ".join(f"{k} {100 * v:.1f} %" for k, v in self.result.clip_zero_shot.items())
+        )
 
-        # 4. bundles: trained CLIPN (fp32 + int8) and the step-0 control, one pair per split
-        with timer.stage("export", f"exporting {2 * len(splits)} bundles"):
-            for sp in splits:
-                bdir = out / "bundles" / sp.name
-                key = {**clipn_key, "split": sp.name, "classes": list(sp.classes)}
-                for kind, ckpt, int8 in (("clipn", checkpoint, True), ("control", None, False)):
-                    folder = bdir / kind
-                    result.parity[f"{sp.name}/{kind}"] = _export(folder, key, model_cfg, weights, ckpt, sp, int8)
+    def clipn(self) -> None:
+        """3. CLIPN's no tower with the real trainer, from cached frozen features."""
+        if not _stage_done(self.cache_dir, self.clip_key):
+            _cache_features(_shard_url(self.data_dir), self.cache_dir, self.model_cfg, self.weights, self.seed)
+            _stamp(self.cache_dir, self.clip_key)
+        if not _stage_done(self.train_dir, self.clipn_key):
+            _train_clipn(
+                self.cache_dir, _fresh(self.train_dir), self.model_cfg, self.weights, self.settings, self.seed
+            )
+            _stamp(self.train_dir, self.clipn_key)
 
-        # 5. evaluate with clipn-eval's own code
-        with timer.stage("eval", "scoring held-out ID/OOD images"):
-            for sp in splits:
-                _evaluate_split(out, sp, result, threads, progress)
-        result.stage_seconds["total"] = round(time.perf_counter() - t_start, 1)
-        write_summary(result)
-        return result
-    finally:
-        torch.set_num_threads(previous)
+    def export(self) -> None:
+        """4. Bundles: the trained CLIPN (fp32 + int8) and the step-0 control, one pair per split."""
+        checkpoint = _last_checkpoint(self.train_dir)
+        for sp in self.splits:
+            key = {**self.clipn_key, "split": sp.name, "classes": list(sp.classes)}
+            for kind, ckpt, int8 in (("clipn", checkpoint, True), ("control", None, False)):
+                folder = self.out / "bundles" / sp.name / kind
+                parity = _export(folder, key, self.model_cfg, self.weights, ckpt, sp, int8)
+                self.result.parity[f"{sp.name}/{kind}"] = parity
+
+    def evaluate(self) -> None:
+        """5. Score every split with clipn-eval's library."""
+        for sp in self.splits:
+            _evaluate_split(self.out, sp, self.result, self.threads, self.progress, self.echo)
 
 
 def _claim(out: Path) -> None:
@@ -309,7 +309,7 @@ def _claim(out: Path) -> None:
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"{out} is not empty and was not made by clipn-demo; pick another -o/--output")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"made_by": "clipn-demo"}) + "\n", encoding="utf-8")
+    atomic_write(out / MARKER, json.dumps({"made_by": "clipn-demo"}) + "\n")
 
 
 def _shard_url(data_dir: Path) -> str:
@@ -320,8 +320,6 @@ def _shard_url(data_dir: Path) -> str:
 
 
 def _write_eval_split(folder: Path, sp: Split, seed: int, n: int, progress: bool) -> None:
-    from clipn_train.toyworld import write_image_folder
-
     key = {"seed": seed, "per_concept": n, "id": sorted(sp.id_concepts), "ood": list(sp.ood_concepts)}
     if _stage_done(folder, key):
         return
@@ -338,11 +336,31 @@ def _write_eval_split(folder: Path, sp: Split, seed: int, n: int, progress: bool
 
 
 def _clip_zero_shot(clip_dir: Path, seed: int) -> dict[str, float]:
-    from clipn_train.contrastive import ToyEvalSet, load_clip, toy_zero_shot
+    from clipn_demo.pretrain import ToyEvalSet, load_clip, toy_zero_shot
 
     model, tokenizer = load_clip(clip_dir)
     evalset = ToyEvalSet.generate(seed=10_000 + seed, n_per_class=8)
     return toy_zero_shot(model, tokenizer, evalset)
+
+
+def _cache_features(shard_url: str, cache_dir: Path, model_cfg: str, weights: str, seed: int) -> None:
+    from clipn_train.cache import build_feature_cache
+
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    build_feature_cache(
+        data=shard_url,
+        output=cache_dir,
+        model=model_cfg,
+        pretrained=weights,
+        variant="learnable",
+        prompts="clean",
+        batch_size=256,
+        workers=0,
+        precision="fp32",
+        dtype="float32",
+        seed=seed,
+    )
 
 
 def _train_clipn(cache: Path, logs: Path, model_cfg: str, weights: str, s: DemoSettings, seed: int) -> None:
@@ -386,7 +404,7 @@ def _export(
 ) -> str:
     from clipn_export.exporter import ParityGateError, export_bundle
     from clipn_runtime.prompts import PromptSet
-    from clipn_train.model import create_clipn
+    from clipn_train.factory import create_clipn
 
     key = {**key, "kind": folder.name, "int8": int8}
     if _stage_done(folder, key):
@@ -403,9 +421,14 @@ def _export(
     return parity
 
 
-def _evaluate_split(out: Path, sp: Split, result: DemoResult, threads: int, progress: bool) -> None:
-    from clipn_eval.cli import evaluate
-    from clipn_eval.evaluate import EngineScorer
+def _evaluate_split(
+    out: Path, sp: Split, result: DemoResult, threads: int, progress: bool, echo: Callable[[str], None]
+) -> None:
+    """Score the split's ID/OOD folders with the fp32 and int8 CLIPN bundles and the control (clipn-eval's
+    library: each run's table goes to report/<split>/<model>/metrics.md, the rows into ``result``)."""
+    import numpy as np
+
+    from clipn_eval.evaluate import EngineScorer, evaluate
 
     eval_dir = out / "data" / "eval" / sp.name
     runs = (("clipn", "clipn", "fp32"), ("clipn-int8", "clipn", "int8"), ("control", "control", "fp32"))
@@ -413,50 +436,31 @@ def _evaluate_split(out: Path, sp: Split, result: DemoResult, threads: int, prog
         scorer = EngineScorer(
             out / "bundles" / sp.name / bundle, device="cpu", threads=threads, precision=precision, batch_size=64
         )
-        report = out / "report" / sp.name / model_name
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):  # the per-run table goes to report/…/metrics.md instead
-            code = evaluate(
-                scorer,
-                eval_dir / "id",
-                [("ood", eval_dir / "ood")],
-                list(METHODS),
-                report,
-                class_map=eval_dir / "class_map.tsv",
-                plots=model_name == "clipn",
-                progress=progress,
-                meta={"demo": {"split": sp.name, "model": model_name, "seed": result.seed}},
-            )
-        result.eval_errors += int(code != 0)
-        metrics = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
-        for r in metrics["rows"]:
-            if r["ood_set"] == "ood":
-                result.rows.append(
-                    {
-                        "split": sp.name,
-                        "model": model_name,
-                        "method": r["method"],
-                        "auroc": r["auroc"],
-                        "fpr95": r["fpr95_interp"],
-                    }
-                )
+        report = evaluate(
+            scorer,
+            eval_dir / "id",
+            [("ood", eval_dir / "ood")],
+            list(METHODS),
+            out / "report" / sp.name / model_name,
+            class_map=eval_dir / "class_map.tsv",
+            plots=model_name == "clipn",
+            progress=progress,
+            meta={"demo": {"split": sp.name, "model": model_name, "seed": result.seed}},
+        )
+        for e in report.errors:  # a warning, so that -q still shows which images were not scored
+            log.warning("skipped %s: %s", e["path"], e["error"])
+        echo(f"report written to {report.out_dir}/")
+        result.eval_errors += int(bool(report.errors))
+        result.rows += [
+            {"split": sp.name, "model": model_name, "method": r.method, "auroc": r.auroc, "fpr95": r.fpr95_interp}
+            for r in report.rows
+            if r.ood_set == "ood"
+        ]
         if model_name == "control":
-            result.control_atd_spread[sp.name] = _score_spread(report / "scores", "atd")
-        if model_name == "clipn" and metrics.get("id_accuracy") is not None:
-            result.id_accuracy[sp.name] = float(metrics["id_accuracy"])
-
-
-def _score_spread(score_dir: Path, method: str) -> float:
-    """max − min of one method's score over every image clipn-eval scored (its per-image JSONL cache)."""
-    values = []
-    for f in score_dir.rglob("*.jsonl"):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
-            if rec.get("scores"):
-                values.append(float(rec["scores"][method]))
-    if not values:
-        raise RuntimeError(f"no scores under {score_dir}")
-    return max(values) - min(values)
+            atd = np.concatenate([report.id_scores["atd"], *(s["atd"] for s in report.ood_scores.values())])
+            result.control_atd_spread[sp.name] = float(atd.max() - atd.min())
+        if model_name == "clipn" and report.id_accuracy is not None:
+            result.id_accuracy[sp.name] = report.id_accuracy
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -499,7 +503,7 @@ def write_summary(result: DemoResult) -> Path:
         "control_atd_spread": result.control_atd_spread,
         "eval_errors": result.eval_errors,
     }
-    (out / "summary.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    atomic_write(out / "summary.json", json.dumps(record, indent=1) + "\n")
     spread = {k: float(f"{v:.2g}") for k, v in result.control_atd_spread.items()}
     splits = "\n".join(f"- **{s}**: {make_split(s).title}" for s in result.settings.splits)
     text = (
@@ -508,81 +512,5 @@ def write_summary(result: DemoResult) -> Path:
         f"{splits}\n\nControl ATD score spread (max − min over all images): {json.dumps(spread)}\n\n"
         f"Stage times (s): {json.dumps(result.stage_seconds)}\n"
     )
-    (out / "summary.md").write_text(text, encoding="utf-8")
+    atomic_write(out / "summary.md", text)
     return out / "summary.md"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------------------
-
-HELP = """Run the whole CLIPN chain on a CPU in minutes, on a toy world of coloured shapes.
-
-\b
-Stages (each logs its time; reruns with the same settings skip what is done):
-  1. draw the toy world: training shards + held-out ID/OOD image folders
-  2. pretrain a tiny open_clip CLIP contrastively (no pretrained CLIP is needed)
-  3. train CLIPN's no tower with the real trainer from cached frozen features
-  4. export bundles with the real exporter (fp32 + int8) and a step-0 control
-  5. score the splits with clipn-eval's code; print one table, write OUTPUT/report/
-
-\b
-Examples:
-  clipn-demo                      # full run into demo/ (6 min 39 s measured on 2 quiet cores)
-  clipn-demo --quick              # fewer images and steps, colour splits only (47 s measured)
-  clipn-demo --seed 1 -o demo-s1 --threads 4
-
-\b
-Exit codes: 0 done; 1 done but some eval images could not be scored; 2 bad usage;
-130 interrupted (Ctrl-C): rerun the same command and the finished stages are skipped.
-"""
-
-
-@click.command(help=HELP)
-@click.option("--quick", is_flag=True, help="The ~1-minute version (fewer images/steps, colour splits only).")
-@click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of data and training."
-)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path),
-    default=Path("demo"),
-    show_default=True,
-    help="Folder for everything the demo makes.",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="torch / onnxruntime threads, and processes drawing the toy world.",
-)
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
-def main(quick: bool, seed: int, output: Path, threads: int, progress: bool) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    settings = QUICK if quick else FULL
-    try:
-        result = run_demo(
-            output, settings, seed=seed, threads=threads, progress=progress, echo=lambda m: click.echo(m, err=True)
-        )
-    except UserError as e:
-        click.echo(f"clipn-demo: {e}", err=True)
-        sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        click.echo(
-            "clipn-demo: interrupted; run the same command again to continue (finished stages are kept)", err=True
-        )
-        sys.exit(EXIT_INTERRUPTED)
-    click.echo(summary_table(result))
-    click.echo(
-        f"\nreport: {output / 'report' / 'summary.md'}; total {result.stage_seconds['total']:.0f} s", err=True
-    )
-    for name, verdict in result.parity.items():
-        if verdict != "ok":
-            click.echo(f"clipn-demo: {name}: {verdict}", err=True)
-    sys.exit(EXIT_EVAL_ERRORS if result.eval_errors else EXIT_OK)
-
-
-if __name__ == "__main__":
-    main()

@@ -97,6 +97,12 @@ _TEMPLATES: tuple[tuple[str, float], ...] = (
 
 _INV_TEMPLATE_WEIGHTS = 1.0 / np.array([w for _, w in _TEMPLATES])
 
+#: Zero-shot prompt templates in the captions' own wording: for "<colour> <shape>" concepts, for shapes alone
+#: and for colours alone (the CLIP's zero-shot check and the demo's bundles use them).
+CONCEPT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}.")
+SHAPE_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.")
+COLOUR_TEMPLATES: tuple[str, ...] = ("something {}.",)
+
 
 def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase

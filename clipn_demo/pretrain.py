@@ -31,7 +31,8 @@ from open_clip.model import CLIP
 from PIL import Image
 from torch import Tensor
 
-from clipn_train import toyworld
+from clipn_demo import world as toyworld
+from clipn_runtime.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,6 @@ TOY_MODEL_CONFIG = Path(__file__).parent / "model_configs" / "toy-rn-clip.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"
 RECORD_NAME = "pretrain.json"
-
-#: Prompt templates for zero-shot evaluation on the toy world; they match the caption templates' wording.
-TOY_CLASS_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}.")
-TOY_SHAPE_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.")
-TOY_COLOUR_TEMPLATES: tuple[str, ...] = ("something {}.",)
 
 _IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
@@ -158,19 +154,13 @@ def tokenizer_for(cfg: Mapping[str, Any]) -> Any:
 
 def save_clip(model: CLIP, cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``open_clip_config.json`` and ``open_clip_model.safetensors`` (open_clip's local-dir layout)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / CONFIG_NAME
-    config_path.write_text(
-        json.dumps({"model_cfg": dict(cfg), "preprocess_cfg": open_clip.get_model_preprocess_cfg(model)}, indent=2)
-        + "\n",
-        encoding="utf-8",
-    )
-    weights_path = out / WEIGHTS_NAME
+    config = {"model_cfg": dict(cfg), "preprocess_cfg": open_clip.get_model_preprocess_cfg(model)}
+    config_path = atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(weights_path), metadata={"format": "pt"})
+    weights_path = atomic_write(out / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     return weights_path, config_path
 
 
@@ -225,6 +215,25 @@ def _param_groups(model: CLIP, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def _optimizer(
+    model: CLIP, lr: float, weight_decay: float, steps: int, warmup_steps: int | None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (betas 0.9/0.98, eps 1e-6, open_clip's decay groups); linear warmup, then cosine to zero."""
+    # fused: one kernel per step instead of ~10 passes over the parameters (≈4× faster on CPU; most of the
+    # parameters are the 49408-row token embedding).
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True
+    )
+    warmup = max(1, round(0.05 * steps)) if warmup_steps is None else max(1, warmup_steps)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
 def _tokenise_all(captions: list[tuple[str, ...]], tokenizer: Any) -> tuple[Tensor, Tensor, Tensor]:
     """Unique caption tokens (U, L), and per image: caption table (N, Kmax) indices into them, and counts."""
     unique = sorted({c for caps in captions for c in caps})
@@ -236,6 +245,29 @@ def _tokenise_all(captions: list[tuple[str, ...]], tokenizer: Any) -> tuple[Tens
     for row, caps in enumerate(captions):
         table[row, : len(caps)] = torch.tensor([index[c] for c in caps])
     return tokens, table, counts
+
+
+class _Batches:
+    """Seeded training batches: a fresh permutation each epoch (the remainder dropped), one of each image's
+    captions drawn at random, all from one generator, so the sequence is a function of the seed."""
+
+    def __init__(self, data: CaptionedImages, tokenizer: Any, batch_size: int, seed: int) -> None:
+        self.data, self.batch_size = data, batch_size
+        self.tokens, self.table, self.counts = _tokenise_all(data.captions, tokenizer)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(data), generator=self.gen)
+        self.cursor = 0
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """uint8 images (B, 3, H, W) and the caption tokens (B, L) of the next batch."""
+        n = len(self.data)
+        if self.cursor + self.batch_size > n:  # a new epoch
+            self.order = torch.randperm(n, generator=self.gen)
+            self.cursor = 0
+        idx = self.order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        pick = (torch.rand(self.batch_size, generator=self.gen) * self.counts[idx]).long()
+        return self.data.images[idx], self.tokens[self.table[idx, pick]]
 
 
 def pretrain_clip(
@@ -264,115 +296,92 @@ def pretrain_clip(
     * ``out_dir``: where to save the open_clip local-dir layout and ``pretrain.json``; None saves nothing.
     * ``threads``: torch intra-op threads for the run (restored afterwards); None leaves torch's setting.
     """
+    from clipn_train.cli import torch_threads
+
     if steps < 0 or batch_size < 2:
         raise ValueError("need steps ≥ 0 and batch_size ≥ 2 (a contrastive batch needs negatives)")
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         dataset = data if isinstance(data, CaptionedImages) else load_captioned_shards(data)
         if len(dataset) < batch_size:
             raise ValueError(f"{len(dataset)} images cannot fill a batch of {batch_size}")
         torch.manual_seed(seed)
         model, tokenizer, cfg = create_clip(model_config)
         normalize_images(dataset.images[:1], model)  # fail early on a size mismatch
-        tokens, table, counts = _tokenise_all(dataset.captions, tokenizer)
-        loss_fn = open_clip.ClipLoss()
-        # fused: one kernel per step instead of ~10 passes over the parameters (≈4× faster on CPU; most of
-        # the parameters are the 49408-row token embedding).
-        optimizer = torch.optim.AdamW(
-            _param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True
-        )
-        warmup = max(1, round(0.05 * steps)) if warmup_steps is None else max(1, warmup_steps)
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        gen = torch.Generator().manual_seed(seed)
-        n = len(dataset)
-        order = torch.randperm(n, generator=gen)
-        cursor = 0
-        losses: list[float] = []
-        history: list[dict[str, float]] = []
-        train_seconds = 0.0
-
-        def run_eval(step: int) -> None:
-            if evaluate is None:
-                return
-            model.eval()
-            with torch.no_grad():
-                metrics = evaluate(model, tokenizer)
-            history.append({"step": float(step), **metrics})
-            log.info("step %d: %s", step, metrics)
-
-        if 0 in eval_at:
-            run_eval(0)
-        model.train()
-        bar: Any = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, desc="CLIP pretraining", unit="step")
-        for step in range(1, steps + 1):
-            t0 = time.perf_counter()
-            if cursor + batch_size > n:  # a new epoch: drop the remainder, reshuffle
-                order = torch.randperm(n, generator=gen)
-                cursor = 0
-            idx = order[cursor : cursor + batch_size]
-            cursor += batch_size
-            pick = (torch.rand(batch_size, generator=gen) * counts[idx]).long()
-            texts = tokens[table[idx, pick]]
-            images = normalize_images(dataset.images[idx], model)
-            image_features, text_features, scale = model(images, texts)
-            loss = loss_fn(image_features, text_features, scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            train_seconds += time.perf_counter() - t0
-            losses.append(float(loss.detach()))
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower lr ({lr})")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if step in eval_at:
-                run_eval(step)
-                model.train()
-        if bar is not None:
-            bar.close()
-        model.eval()
-        result = PretrainResult(
-            model=model,
-            tokenizer=tokenizer,
-            model_cfg=cfg,
-            steps=steps,
-            batch_size=batch_size,
-            seed=seed,
-            seconds=train_seconds,
-            losses=losses,
-            history=history,
-        )
+        batches = _Batches(dataset, tokenizer, batch_size, seed)
+        run = PretrainResult(model, tokenizer, cfg, steps, batch_size, seed, 0.0, [], [])
+        optimizer, scheduler = _optimizer(model, lr, weight_decay, steps, warmup_steps)
+        _Loop(run, batches, optimizer, scheduler, evaluate).train(eval_at, progress)
         if out_dir is not None:
-            result.weights_path, result.config_path = save_clip(model, cfg, out_dir)
+            run.weights_path, run.config_path = save_clip(model, cfg, out_dir)
             record = {
-                **result.record(),
+                **run.record(),
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "threads": torch.get_num_threads(),
-                "images": n,
+                "images": len(dataset),
                 "torch": torch.__version__,
                 "open_clip": open_clip.__version__,
             }
-            (Path(out_dir) / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        return result
-    finally:
-        torch.set_num_threads(previous_threads)
+            atomic_write(Path(out_dir) / RECORD_NAME, json.dumps(record, indent=1) + "\n")
+        return run
+
+
+@dataclass
+class _Loop:
+    """The training loop of :func:`pretrain_clip`; fills ``run``'s losses, history and seconds."""
+
+    run: PretrainResult
+    batches: _Batches
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    evaluate: Callable[[CLIP, Any], dict[str, float]] | None
+    loss_fn: Any = field(default_factory=open_clip.ClipLoss)
+
+    def train(self, eval_at: Collection[int], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        model = self.run.model
+        if 0 in eval_at:
+            self.eval_step(0)
+        model.train()
+        with tqdm(total=self.run.steps, desc="CLIP pretraining", unit="step", disable=not progress) as bar:
+            for step in range(1, self.run.steps + 1):
+                t0 = time.perf_counter()
+                loss = self.step()
+                self.run.seconds += time.perf_counter() - t0
+                self.run.losses.append(loss)
+                if not math.isfinite(loss):
+                    lr = self.optimizer.defaults["lr"]
+                    raise FloatingPointError(f"loss became {loss} at step {step}; lower lr ({lr})")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if step in eval_at:
+                    self.eval_step(step)
+                    model.train()
+        model.eval()
+
+    def step(self) -> float:
+        """One optimiser step on the next batch; its loss."""
+        model = self.run.model
+        images, texts = self.batches.next()
+        image_features, text_features, scale = model(normalize_images(images, model), texts)
+        loss = self.loss_fn(image_features, text_features, scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return float(loss.detach())
+
+    def eval_step(self, step: int) -> None:
+        if self.evaluate is None:
+            return
+        self.run.model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate(self.run.model, self.run.tokenizer)
+        self.run.history.append({"step": float(step), **metrics})
+        log.info("step %d: %s", step, metrics)
 
 
 def zero_shot_classifier(
@@ -446,7 +455,7 @@ def toy_zero_shot(
     concepts = world.concepts()
     by_name = {c.name: i for i, c in enumerate(concepts)}
     target = torch.tensor([by_name[lab.class_name] for lab in evalset.labels])
-    pred = predict(model, tokenizer, images, [c.name for c in concepts], TOY_CLASS_TEMPLATES)
+    pred = predict(model, tokenizer, images, [c.name for c in concepts], toyworld.CONCEPT_TEMPLATES)
     shapes = torch.tensor([world.shapes.index(c.shape) for c in concepts])
     colours = torch.tensor([world.colours.index(c.colour) for c in concepts])
     shape_target = torch.tensor([world.shapes.index(lab.shape) for lab in evalset.labels])
@@ -455,6 +464,10 @@ def toy_zero_shot(
         "concept": float((pred == target).float().mean()),
         "concept_shape": float((shapes[pred] == shape_target).float().mean()),
         "concept_colour": float((colours[pred] == colour_target).float().mean()),
-        "shape": zero_shot_accuracy(model, tokenizer, images, shape_target, world.shapes, TOY_SHAPE_TEMPLATES),
-        "colour": zero_shot_accuracy(model, tokenizer, images, colour_target, world.colours, TOY_COLOUR_TEMPLATES),
+        "shape": zero_shot_accuracy(
+            model, tokenizer, images, shape_target, world.shapes, toyworld.SHAPE_TEMPLATES
+        ),
+        "colour": zero_shot_accuracy(
+            model, tokenizer, images, colour_target, world.colours, toyworld.COLOUR_TEMPLATES
+        ),
     }

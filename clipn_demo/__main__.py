@@ -1,0 +1,3 @@
+from clipn_demo.cli import main
+
+main()
