@@ -407,8 +407,9 @@ def _export(
     from clipn_train.factory import create_clipn
 
     key = {**key, "kind": folder.name, "int8": int8}
-    if _stage_done(folder, key):
-        return json.loads((folder / STAMP).read_text(encoding="utf-8")).get("parity", "ok")
+    if _stage_done(folder, key):  # the gate's verdict of that earlier export is in its manifest
+        parity = json.loads((folder / "clipn.json").read_text(encoding="utf-8")).get("parity") or {}
+        return "ok" if parity.get("passed", True) else "parity gate failed (see its clipn.json)"
     loaded = create_clipn(model_cfg, weights, checkpoint=checkpoint)
     prompts = PromptSet(f"toy-{sp.name}", sp.templates)
     try:
@@ -417,7 +418,7 @@ def _export(
     except ParityGateError as e:  # the bundle is written; the gate's verdict is reported in the summary
         parity = f"parity gate failed: {e}"
         log.warning("%s: %s", folder, parity)
-    _stamp(folder, {**key})
+    _stamp(folder, key)
     return parity
 
 

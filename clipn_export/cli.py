@@ -292,8 +292,9 @@ def _run(r: _Request, options: ExportOptions) -> int:
 
 
 def _check_inputs(r: _Request, options: ExportOptions) -> tuple[list[str], PromptSet, ExportOptions]:
-    """Every input file, before the model loads: the class list, the prompts (loaded into ``options``), the
-    text-bank cache, TensorRT."""
+    """Every input file and option, before the model loads: the class list, the prompts (loaded into ``options``),
+    the text-bank cache, TensorRT, the output folders."""
+    from clipn_export.exporter import check_request
     from clipn_export.textbank import default_cache_dir
     from clipn_runtime.classes import load_classes
     from clipn_runtime.prompts import load_prompts
@@ -307,7 +308,9 @@ def _check_inputs(r: _Request, options: ExportOptions) -> tuple[list[str], Promp
 
         require_tensorrt()
     cache_dir = None if r.no_cache else (options.cache_dir or _usable(default_cache_dir()))
-    return class_list, prompts, replace(options, prompts=prompts, cache_dir=cache_dir)
+    options = replace(options, prompts=prompts, cache_dir=cache_dir)
+    check_request(class_list, Path(r.output), options)  # an existing -o, --triton-name, --max-batch, --scale …
+    return class_list, prompts, options
 
 
 def _load_model(r: _Request) -> LoadedCLIPN:

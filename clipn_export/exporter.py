@@ -50,6 +50,7 @@ from clipn_runtime.bundle import (
 )
 from clipn_runtime.engine import DISABLED_OPTIMIZERS_KEY, EngineSpec, disabled_optimizers_for, open_engine
 from clipn_runtime.errors import UserError
+from clipn_runtime.fileio import replace_dir
 from clipn_runtime.prompts import PromptSet, load_prompts
 from clipn_runtime.scoring import MCM_TEMPERATURE, MSP_SCALE, Scores, l2_normalize, score_features
 
@@ -109,17 +110,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise UserError(
             f"-o {out_dir}: not empty and not a clipn-ood bundle (no {MANIFEST_NAME}); refusing to overwrite it"
         )
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move the finished ``staging`` to ``out_dir``; an old bundle there is removed only after the move."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _validate(classes: Sequence[str], o: ExportOptions) -> None:
@@ -228,7 +218,7 @@ def export_bundle(
     except BaseException:
         shutil.rmtree(job.staging, ignore_errors=True)
         raise
-    _replace_dir(job.staging, out_dir)
+    replace_dir(job.staging, out_dir)
     result.bundle_dir = out_dir
     if o.triton_repo is not None:
         result.triton_dir = _write_triton(result, o)
@@ -238,17 +228,23 @@ def export_bundle(
     return result
 
 
-def _check_request(loaded: LoadedCLIPN, classes: Sequence[str], out_dir: Path, o: ExportOptions) -> None:
-    """Every check that needs no work, so that a mistake costs nothing."""
+def check_request(classes: Sequence[str], out_dir: Path, o: ExportOptions) -> None:
+    """Every check of the request that needs neither work nor the model (the CLI runs it before loading the
+    model, so that a mistake costs nothing)."""
     _validate(classes, o)
-    if o.open_vocabulary:
-        from clipn_export.tokenizer_export import check_supported
-
-        check_supported(loaded.tokenizer)
     _check_out_dir(out_dir, o.overwrite)
     triton_dir = o.triton_dir
     if triton_dir is not None and triton_dir.exists() and not o.overwrite:
         raise UserError(f"{triton_dir} already exists; pick another --triton-name or pass --overwrite")
+
+
+def _check_request(loaded: LoadedCLIPN, classes: Sequence[str], out_dir: Path, o: ExportOptions) -> None:
+    """:func:`check_request`, and what only the loaded model can tell."""
+    check_request(classes, out_dir, o)
+    if o.open_vocabulary:
+        from clipn_export.tokenizer_export import check_supported
+
+        check_supported(loaded.tokenizer)
 
 
 def _staging_dir(out_dir: Path) -> Path:
@@ -418,10 +414,17 @@ def _run_parity_gate(job: _Job, engines: list[BundleFile]) -> ParityReport:
         ref, ref_emb = _reference(job.loaded, pixels, job.bank, job.scale)
 
         def runner(entry: BundleFile) -> Any:
-            # The session clipn-detect --device cpu opens for this engine, from the manifest entry it reads.
-            spec = EngineSpec.from_bundle(job.staging, entry)
-            engine = open_engine(spec, device="cpu", threads=o.threads, log_severity=3)
-            return lambda x: engine.run({ox.IMAGE_INPUT: x})
+            def run(x: Any) -> dict[str, Any]:
+                # The session clipn-detect --device cpu opens for this engine, from the manifest entry it reads;
+                # opened when its turn comes and closed after, so one engine's memory is held at a time.
+                spec = EngineSpec.from_bundle(job.staging, entry)
+                engine = open_engine(spec, device="cpu", threads=o.threads, log_severity=3)
+                try:
+                    return engine.run({ox.IMAGE_INPUT: x})
+                finally:
+                    engine.close()
+
+            return run
 
         return run_parity(
             [(e.precision or "fp32", runner(e)) for e in engines],

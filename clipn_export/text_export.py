@@ -144,12 +144,14 @@ def text_encoder_parity(model: nn.Module, tower: str, graph: onnx.ModelProto, to
     from clipn_runtime.engine import open_engine
     from clipn_runtime.scoring import l2_normalize
 
-    engine = open_engine(graph.SerializeToString(), device="cpu", log_severity=3)
     device = next(model.parameters()).device
     with torch.inference_mode():
         ref = _reference(model, tower, tokens.to(device)).float().cpu().numpy()
-    got = engine.run({TOKENS_INPUT: tokens.cpu().numpy().astype(np.int64)})[FEATURES_OUTPUT]
-    engine.close()
+    engine = open_engine(graph.SerializeToString(), device="cpu", log_severity=3)
+    try:
+        got = engine.run({TOKENS_INPUT: tokens.cpu().numpy().astype(np.int64)})[FEATURES_OUTPUT]
+    finally:
+        engine.close()
     diff = np.abs(l2_normalize(ref) - l2_normalize(got))
     return TextEncoderParity(float(diff.max()) if diff.size else 0.0, int(tokens.shape[0]))
 

@@ -21,6 +21,7 @@ not (line ``pred`` of ``labels.txt`` is its name).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 
 from clipn_runtime.bundle import TensorSpec
 from clipn_runtime.errors import UserError
+from clipn_runtime.fileio import replace_dir
 from clipn_runtime.scoring import FULL_OUTPUTS
 
 #: Triton's data types for the dtypes our graphs use.
@@ -211,15 +213,22 @@ def write_triton_repo(
     if platform is None:
         raise ValueError(f"{model_file}: expected a .onnx or .plan engine")
     model_dir = Path(repo) / check_model_name(name)
-    if model_dir.exists():
-        if not overwrite:
-            raise UserError(f"{model_dir} already exists; pick another --triton-name or pass --overwrite")
-        shutil.rmtree(model_dir)
-    (model_dir / "1").mkdir(parents=True)
+    if model_dir.exists() and not overwrite:
+        raise UserError(f"{model_dir} already exists; pick another --triton-name or pass --overwrite")
     text = config_pbtxt(name, platform, max_batch, inputs, outputs, tensorrt=tensorrt)
-    _copy_model(model_file, model_dir / "1")
-    (model_dir / LABELS_FILE).write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
     requirement = plan_requirement(tensorrt) if platform == "tensorrt_plan" else None
-    (model_dir / README_FILE).write_text(readme(name, platform, inputs, outputs, requirement), encoding="utf-8")
-    (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
+    # Built beside it and swapped in whole: a server polling the repository never loads a half-written model,
+    # and a failure leaves the old model as it was.
+    staging = model_dir.with_name(f".{model_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / "1").mkdir(parents=True)
+        _copy_model(model_file, staging / "1")
+        (staging / LABELS_FILE).write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+        (staging / README_FILE).write_text(readme(name, platform, inputs, outputs, requirement), encoding="utf-8")
+        (staging / "config.pbtxt").write_text(text, encoding="utf-8")
+        replace_dir(staging, model_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return model_dir

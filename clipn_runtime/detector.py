@@ -289,7 +289,9 @@ class Detector:
         if self._bank_builder is None:
             from clipn_runtime.openvocab import BankBuilder
 
-            self._bank_builder = BankBuilder(self.bundle_dir, self.manifest, device=self.device, threads=self.threads)
+            self._bank_builder = BankBuilder(
+                self.bundle_dir, self.manifest, device=self.device, threads=self.threads
+            )
         banks = self._bank_builder.banks(names, ps, progress=progress)
         self._ensure_bank_inputs()
         spec = self._bank_builder.spec

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -86,3 +87,25 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while block := fh.read(CHUNK):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_dir(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Put the finished folder ``staging`` (a sibling of ``target``, on the same file system) at ``target``.
+
+    An old ``target`` is moved aside first and removed only after the new one is in place, so a reader (or a
+    crash) sees the old folder or the new one, never a half-written one — except for the instant between the
+    two renames, where ``target`` is briefly absent."""
+    staging, target = Path(staging), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        target.rename(old)
+    try:
+        staging.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)  # the new folder could not be put in place: the old one goes back
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -314,7 +314,7 @@ def _csv_records(fh: IO[str], p: Path) -> Any:
         yield reader.line_num, row
 
 
-def _number(rec: Mapping[str, Any], name: str) -> str | None:
+def _field_text(rec: Mapping[str, Any], name: str) -> str | None:
     """A record's field as CSV or JSON holds it; None when absent or empty (CSV writes None as "")."""
     value = rec.get(name)
     return None if value in (None, "") else str(value)
@@ -322,15 +322,15 @@ def _number(rec: Mapping[str, Any], name: str) -> str | None:
 
 def _add(done: Done, key: str, rec: Mapping[str, Any]) -> None:
     """Count record ``rec`` of the file ``key``; ValueError/TypeError when its fields are not a record's."""
-    frame_text = _number(rec, "frame")
+    frame_text = _field_text(rec, "frame")
     if frame_text is None:
-        if _number(rec, "error") is not None and kind_of(key) == "video":
+        if _field_text(rec, "error") is not None and kind_of(key) == "video":
             return  # a video that failed is tried again; its frames already written stay skipped
         done.paths.add(key)
         return
     frame = int(frame_text)
     done.frames.setdefault(key, set()).add(frame)
-    smooth = _number(rec, "ood_score_smooth")
+    smooth = _field_text(rec, "ood_score_smooth")
     if smooth is not None and frame >= done.smoothed.get(key, (-1, 0.0))[0]:
         done.smoothed[key] = (frame, float(smooth))
 
@@ -647,23 +647,25 @@ class Results:
             batch = [self._rebased(d) for d in batch]
         try:
             self.writer.write_batch(batch)
-        except BrokenPipeError:  # stdout's reader went away (`| head`): the CLI boundary stops quietly
-            raise
         except OSError as e:  # a full disk, a quota, a vanished network share: stop, keep what is written
+            if self.output is not None:
+                fh, self.fh = self.fh, None
+                with contextlib.suppress(OSError):
+                    fh.close()  # type: ignore[union-attr]
+            if isinstance(e, BrokenPipeError):  # the reader of stdout or of a -o pipe left: the CLI stops quietly
+                raise
             raise self._write_failed(e) from None
 
     def _write_failed(self, e: OSError) -> UserError:
+        why = e.strerror or str(e)
         if self.output is None:
             from clipn_runtime.clikit import discard_stdout
 
             discard_stdout()  # what is still buffered would fail again at exit, with a traceback
-            return UserError(f"cannot write results to stdout: {e.strerror or e}; write them to a file with -o FILE")
-        fh, self.fh = self.fh, None
-        with contextlib.suppress(OSError):
-            fh.close()  # type: ignore[union-attr]
+            return UserError(f"cannot write results to stdout: {why}; write them to a file with -o FILE")
+        then = "" if self.special else " — fix that, then rerun the same command with --resume"
         return UserError(
-            f"cannot write results to {self.output}: {e.strerror or e}; every record before this batch is "
-            "kept — fix that, then rerun the same command with --resume"
+            f"cannot write results to {self.output}: {why}; every record before this batch is kept{then}"
         )
 
     def _rebased(self, d: Detection) -> Detection:

@@ -160,17 +160,18 @@ def _tagged_clip(model: str | Path, name: str, tag: str) -> Any:
 
 
 def _load_weights_file(clip: CLIP, name: str, path: Path) -> None:
-    """Load a local weights file strictly into ``clip``; every way it can fail is one UserError line."""
-    try:
-        open_clip.load_checkpoint(clip, str(path), strict=True)
-    except RuntimeError as e:
-        if "Error(s) in loading state_dict" not in str(e):  # torch reports a damaged zip this way too
-            raise UserError(ckpt.load_failure(f"--pretrained {path}", e)) from None
-        detail = " ".join(str(e).split())
-        detail = detail if len(detail) <= 400 else detail[:399] + "…"
-        raise UserError(f"--pretrained {path}: these weights do not fit --model {name} ({detail})") from None
+    """Load a local weights file strictly into ``clip``; every way it can fail is one UserError line that says
+    whether the file could not be read or does not fit the model."""
+    try:  # reading first tells a damaged file from a model mismatch (open_clip raises the same types for both)
+        open_clip.factory.load_state_dict(str(path))
     except Exception as e:  # unreadable/corrupt files surface as many exception types
         raise UserError(ckpt.load_failure(f"--pretrained {path}", e)) from None
+    try:
+        open_clip.load_checkpoint(clip, str(path), strict=True)
+    except Exception as e:  # missing/unexpected keys, wrong shapes, open_clip's position-embedding asserts
+        detail = " ".join(str(e).split()) or type(e).__name__
+        detail = detail if len(detail) <= 400 else detail[:399] + "…"
+        raise UserError(f"--pretrained {path}: these weights do not fit --model {name} ({detail})") from None
 
 
 def _configured_clip(name: str, cfg: dict[str, Any], weights: Path | None) -> CLIP:

@@ -61,6 +61,10 @@ def files(
     wide["embed_dim"] = 48
     (root / "wide.json").write_text(json.dumps(wide))
     out["wide_config"] = root / "wide.json"
+    text_wide = json.loads(Path(__file__).with_name("data").joinpath("tiny-clip.json").read_text())
+    text_wide["text_cfg"]["width"] = 64  # open_clip's position-embedding resize asserts on this mismatch
+    (root / "text-wide.json").write_text(json.dumps(text_wide))
+    out["text_wide_config"] = root / "text-wide.json"
     out["base"] = root / "base.pt"
     return out
 
@@ -113,6 +117,15 @@ def test_weights_of_another_model_still_do_not_fit(files: dict[str, Path]) -> No
     msg = _one_line(str(e.value))
     assert msg.startswith(f"--pretrained {files['base']}: these weights do not fit --model wide (")
     assert "size mismatch" in msg
+
+
+def test_a_model_mismatch_that_open_clip_asserts_on_is_not_called_unreadable(files: dict[str, Path]) -> None:
+    """The file reads fine; only the model differs (open_clip raises AssertionError, not a load error)."""
+    with pytest.raises(UserError) as e:
+        create_clipn(files["text_wide_config"], files["base"])
+    msg = _one_line(str(e.value))
+    assert msg.startswith(f"--pretrained {files['base']}: these weights do not fit --model text-wide (")
+    assert "neither a safetensors" not in msg
 
 
 def test_clipn_export_prints_the_one_line_and_exits_2(

@@ -177,6 +177,14 @@ def test_export_checks_the_output_before_any_work(tmp_path: Path, monkeypatch: p
     r = invoke(export_main, [*base, "-o", str(tmp_path / "somefile" / "bundle")])
     assert r.exit_code == 2 and "is a file, not a folder" in one_clean_line(r)
     assert calls == []
+    # So do the other checks that need no model: an existing -o without --overwrite, a bad --max-batch.
+    (tmp_path / "made").mkdir()
+    (tmp_path / "made" / "clipn.json").write_text("{}", encoding="utf-8")
+    r = invoke(export_main, [*base, "-o", str(tmp_path / "made")])
+    assert r.exit_code == 2 and "--overwrite" in one_clean_line(r)
+    r = invoke(export_main, [*base, "-o", str(tmp_path / "bundle"), "--max-batch", "0"])
+    assert r.exit_code == 2
+    assert calls == []
     # The spies are wired: with a writable -o the same command reaches the model.
     r = invoke(export_main, [*base, "-o", str(tmp_path / "bundle")])
     assert calls == ["create_clipn"] and r.exit_code != 0

@@ -156,3 +156,19 @@ def test_full_demo_accuracy_guard(tmp_path: Path) -> None:
     assert shape >= res.auroc("shape", "clipn", "mcm") + FULL_MIN_SHAPE_ATD_OVER_MCM, res.rows
     assert shape >= res.auroc("shape", "clipn", "msp") + FULL_MIN_SHAPE_ATD_OVER_MSP, res.rows
     assert res.auroc("combo", "clipn", "atd") >= res.auroc("combo", "clipn", "mcm") - MAX_ATD_BELOW_MCM, res.rows
+
+
+def test_a_rerun_keeps_the_parity_verdict_of_a_skipped_export(tmp_path: Path) -> None:
+    """A finished export stage is skipped on rerun; its parity gate verdict comes from the bundle it wrote."""
+    import json
+
+    from clipn_demo.demo import STAMP, _export, make_split
+
+    key = {"seed": 0}
+    for passed, expected in ((True, "ok"), (False, "parity gate failed")):
+        folder = tmp_path / str(passed) / "clipn"
+        folder.mkdir(parents=True)
+        (folder / STAMP).write_text(json.dumps({**key, "kind": "clipn", "int8": False}), encoding="utf-8")
+        (folder / "clipn.json").write_text(json.dumps({"parity": {"passed": passed}}), encoding="utf-8")
+        verdict = _export(folder, key, "unused", "unused", None, make_split("colour"), False)
+        assert verdict.startswith(expected)

@@ -240,12 +240,13 @@ def test_overwrite_replaces_a_bundle_and_leaves_no_staging(tiny_clipn: Any, tmp_
 
 
 def test_failed_export_leaves_nothing(tiny_clipn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipn_export.exporter as ex
 
     def broken(*a: object, **k: object) -> None:
         raise RuntimeError("simulated crash while exporting the head")
 
-    monkeypatch.setattr(ex.ox, "export_head", broken)
+    from clipn_export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "export_head", broken)
     with pytest.raises(RuntimeError, match="simulated"):
         export_bundle(tiny_clipn, CLASSES, tmp_path / "b", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -124,3 +124,19 @@ def test_training_cache_checkpoints_and_bundle_follow_the_umask(
     assert list((tmp_path / "banks").iterdir()), "the text bank was cached"
     wrong = {str(p.relative_to(tmp_path)): oct(_mode(p)) for p in written if _mode(p) != 0o666 & ~mask}
     assert not wrong, f"umask {mask:03o}: expected {0o666 & ~mask:o} for every file"
+
+
+def test_replace_dir_swaps_a_whole_folder_and_keeps_the_old_one_on_failure(tmp_path: Path) -> None:
+    from clipn_runtime.fileio import replace_dir
+
+    target, staging = tmp_path / "model", tmp_path / ".model.tmp"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    staging.mkdir()
+    (staging / "new.txt").write_text("new")
+    replace_dir(staging, target)
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging, no old copy left behind
+    with pytest.raises(FileNotFoundError):
+        replace_dir(tmp_path / "missing", target)  # the new folder never came …
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]  # … so the one there stays in place

@@ -43,7 +43,7 @@ def strict_records(data: bytes) -> list[dict[str, Any]]:
     return [json.loads(line, parse_constant=refuse) for line in text.splitlines() if line.strip()]
 
 
-def cli(*args: str, cwd: Path | None = None, **kw: Any) -> subprocess.CompletedProcess[bytes]:
+def cli(*args: str | bytes, cwd: Path | None = None, **kw: Any) -> subprocess.CompletedProcess[bytes]:
     """The real command in a child process: stdout is a byte pipe (as in `clipn-detect … | jq`)."""
     code = "import sys\nfrom clipn_runtime.cli import main\nmain(prog_name='clipn-detect')\n"
     return subprocess.run(
@@ -467,7 +467,7 @@ def test_a_video_that_breaks_mid_decode_keeps_its_frames_and_resume_retries_the_
 
     fake_video(monkeypatch, 20, fails=True)
     det = Detector(synthetic_bundle.root, batch_size=4, decode_workers=2)
-    got = []
+    got: list[int | None] = []
     with pytest.raises(VideoError, match="after 20 frames"):
         got.extend(d.frame for d in det.detect_video("cam.mp4"))
     assert got == list(range(20))  # every decoded frame, also those still in flight when decoding broke
@@ -647,7 +647,12 @@ def test_run_releases_everything_when_it_stops_midway(
     make_images(tmp_path / "imgs", 4)
     closed = []
     real_close = Detector.close
-    monkeypatch.setattr(Detector, "close", lambda self: (closed.append(1), real_close(self)))
+
+    def counted_close(self: Detector) -> None:
+        closed.append(1)
+        real_close(self)
+
+    monkeypatch.setattr(Detector, "close", counted_close)
 
     def stopping(self: JsonlWriter, detections: Any) -> None:
         raise stop() if stop is KeyboardInterrupt else OSError(errno.EIO, os.strerror(errno.EIO))
@@ -717,7 +722,7 @@ def test_error_messages_show_undecodable_bytes_as_records_do(
     out = os.fsencode(tmp_path) + b"/r\xff.jsonl"
     with open(out, "wb") as fh:
         fh.write(b'{"path": "a.png"}\n')
-    proc = cli(str(tmp_path / "imgs"), "-e", str(synthetic_bundle.root), "-o", out, "--resume")  # type: ignore[arg-type]
+    proc = cli(str(tmp_path / "imgs"), "-e", str(synthetic_bundle.root), "-o", out, "--resume")
     assert proc.returncode == 2 and b"r\\xff.jsonl" in proc.stderr and b"\\udcff" not in proc.stderr
 
 

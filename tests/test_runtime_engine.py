@@ -364,7 +364,9 @@ def test_native_plan_that_cannot_start_cuda_falls_back_under_auto(
     else:
         monkeypatch.setattr(gpu.cuda.Device, "make_context", fail)
     assert Detector(b.root, device="auto").provider == CPU_EP
-    with pytest.raises(EngineError, match="model.plan: .*native TensorRT plan.*no CUDA-capable device.*--device cuda"):
+    with pytest.raises(
+        EngineError, match="model.plan: .*native TensorRT plan.*no CUDA-capable device.*--device cuda"
+    ):
         Detector(b.root, device="tensorrt")
 
 
