@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VIT_B16_GFLOP = 35.1  # per 224-px image, 2 FLOP per multiply-add (as the issue states)
+VIT_B16_GFLOP = 35.1  # per 224-px image, 2 FLOP per multiply-add (harness.vit_gflop's count, rounded)
 
 
 def _cpuinfo() -> dict[str, str]:

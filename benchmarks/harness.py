@@ -150,7 +150,7 @@ def vit_gflop(model_cfg: Mapping[str, Any]) -> float | None:
     """GFLOP (2 per multiply-add) of one image through an open_clip ViT image tower, from its config.
 
     Per block with T tokens and width W: QKV and output projections 4·T·W², MLP 2·T·W·(ratio·W), attention
-    products 2·T²·W; plus the patch embedding and the final projection. ViT-B-16 at 224 gives 35.13 (the issue's
+    products 2·T²·W; plus the patch embedding and the final projection. ViT-B-16 at 224 gives 35.13 (the rounded
     35.1). Normalisations, softmax and GELU are left out (well under 1%). ``None`` for non-ViT towers.
     """
     v = model_cfg.get("vision_cfg", {})
@@ -168,7 +168,7 @@ def vit_gflop(model_cfg: Mapping[str, Any]) -> float | None:
 
 
 def nominal_gflop(model: str, model_cfg: Mapping[str, Any]) -> float | None:
-    """The FLOP count used for the roofline: the issue's 35.1 GFLOP for ViT-B-16, :func:`vit_gflop` otherwise."""
+    """The FLOP count used for the roofline: the rounded 35.1 GFLOP for ViT-B-16, :func:`vit_gflop` otherwise."""
     return VIT_B16_GFLOP if model == VIT_B16 else vit_gflop(model_cfg)
 
 

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 #: Classes whose runtime bank is compared with the PyTorch bank at export.
 CHECK_CLASSES = 8
-#: Largest allowed |Δ| between those banks (the issue's bound).
+#: Largest allowed |Δ| between those banks (the runtime bank must equal the exporter's to this).
 CHECK_ATOL = 1e-5
 
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 ScalarValue = float | int | bool
 
-#: The record fields of the issue's JSONL format, in order (``frame``/``time`` and the smoothing fields are
+#: The record fields of the JSONL format (docs/detect.md), in order (``frame``/``time`` and the smoothing fields are
 #: added for video frames).
 RECORD_FIELDS: tuple[str, ...] = (
     "path",
@@ -103,7 +103,7 @@ class Detection:
         return cls(path, None, None, None, None, None, None, None, None, method, error, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON record: the issue's fields, plus ``frame``/``time`` for video frames and the smoothing
+        """The JSON record: the documented fields, plus ``frame``/``time`` for video frames and the smoothing
         fields when smoothing is on. Every string is valid UTF-8: a file name that is not gets its undecodable
         bytes escaped in ``path`` and its exact bytes in ``path_b64`` (base64)."""
         d: dict[str, Any] = {"path": None} if self.path is None else path_fields(self.path)

@@ -3,7 +3,7 @@
 Everything that scores an image in clipn-ood — the fused ONNX head, the PyTorch reference used by the
 export parity gate, ``clipn-detect`` and ``clipn-eval`` — is checked against this module.
 
-Notation (``../shared/DESIGN.md`` §3; CLIPN, Wang et al., ICCV 2023, official code at commit e465074):
+Notation (docs/math.md; CLIPN, Wang et al., ICCV 2023, official code at commit e465074):
 
 * ``f``: the image feature, L2-normalised; ``W`` and ``W_no``: the C×D "yes" and "no" class banks, rows
   L2-normalised; ``s``: the logit scale (``exp(logit_scale)`` of the base CLIP, 100 for the released CLIPN

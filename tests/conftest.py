@@ -38,7 +38,7 @@ def tiny_config() -> Path:
     return DATA / "tiny-clip.json"
 
 
-# ---- runtime (issue 5) fixtures: begin ---------------------------------------------------------------------
+# ---- runtime fixtures: begin ------------------------------------------------------------------------------
 # A *synthetic* bundle for fast runtime unit tests: a fixed random linear "encoder" (flattened image → D
 # features) followed by the CLIPN scoring ops, built directly with onnx.helper, plus a manifest. Its numpy twin
 # (``helpers.SyntheticBundle.reference``) feeds the same features to clipn_runtime.scoring, so a test can check
@@ -198,10 +198,10 @@ def synthetic_bundle_factory(tmp_path_factory: pytest.TempPathFactory) -> Synthe
     return make
 
 
-# ---- runtime (issue 5) fixtures: end -----------------------------------------------------------------------
+# ---- runtime fixtures: end --------------------------------------------------------------------------------
 
 
-# ---- exporter (issue 4) fixtures: begin --------------------------------------------------------------------
+# ---- exporter fixtures: begin -----------------------------------------------------------------------------
 # Real tiny CLIPN models exported by clipn_export: what end-to-end tests run. Random init, no download; the
 # learnable "no" prompts are randomised (a fresh CLIPN's no tower is an exact copy of the yes tower, which
 # would make every p_no exactly 0.5).
@@ -282,10 +282,10 @@ def tiny_bundle_factory(tiny_clipn: LoadedCLIPN, tmp_path_factory: pytest.TempPa
     return make
 
 
-# ---- exporter (issue 4) fixtures: end ----------------------------------------------------------------------
+# ---- exporter fixtures: end -------------------------------------------------------------------------------
 
 
-# ---- open vocabulary (issue 6) fixtures: begin -------------------------------------------------------------
+# ---- open vocabulary fixtures: begin ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -317,4 +317,4 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     return dst
 
 
-# ---- open vocabulary (issue 6) fixtures: end ---------------------------------------------------------------
+# ---- open vocabulary fixtures: end ------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_peak_scales_with_threads_used() -> None:
 
 @pytest.mark.slow  # imports open_clip (and torch): a few seconds
 def test_vit_flop_count_matches_the_issue_constant(tiny_config: Path) -> None:
-    """35.1 GFLOP is the issue's figure for ViT-B-16 at 224; the analytic count from the config must agree."""
+    """35.1 GFLOP is the documented figure for ViT-B-16 at 224 (docs/benchmarks.md); the analytic count from the config must agree."""
     import open_clip
 
     assert harness.vit_gflop(open_clip.get_model_config("ViT-B-16")) == pytest.approx(

@@ -99,3 +99,22 @@ def _anchors(markdown: str) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
     heads = re.findall(r"^#+\s+(.*)$", re.sub(r"```.*?```", "", markdown, flags=re.DOTALL), re.MULTILINE)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def test_nothing_refers_to_text_outside_the_repo() -> None:
+    """Users get the repo, not our design notes or issue tracker: code and docs cite only what ships."""
+    pattern = re.compile(r"\bDESIGN(\.md)?\b|\.\./shared|\b[Ii]ssue #?\d+|\b[Tt]he issue(?:'s)?\b")
+    sources = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("benchmarks/*.py"), ROOT / ".ci" / "run"]
+    sources += [
+        p
+        for pkg in ("clipn_runtime", "clipn_train", "clipn_export", "clipn_eval", "clipn_demo", "tests")
+        for p in (ROOT / pkg).rglob("*.py")
+    ]
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in sources
+        if p.name != "test_docs_examples.py"
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not hits, "\n".join(hits)

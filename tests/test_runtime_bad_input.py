@@ -1,4 +1,4 @@
-"""Bad input never gives a silent wrong answer (issue 12 §2): file names that are not UTF-8, linked folders, no
+"""Bad input never gives a silent wrong answer: file names that are not UTF-8, linked folders, no
 inputs, --resume across folders and setups, a manifest with impossible values, non-finite engine scores, -o a
 folder, decompression bombs, truncated videos, a closed stdout."""
 

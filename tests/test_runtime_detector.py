@@ -233,7 +233,7 @@ def test_open_vocabulary_bundles_are_recognised(synthetic_bundle: SyntheticBundl
     section = OpenVocabulary(towers, {"yes": "bank", "no": "bank_no"}, "tokenizer.json", 77, 8)
     ov = replace(m, open_vocabulary=section)
     assert ov.is_open_vocabulary
-    # issue 6: a different list is accepted (False: the runtime computes its banks, tests/test_openvocab_*.py)
+    # open vocabulary: a different list is accepted (False: the runtime computes its banks, tests/test_openvocab_*.py)
     assert check_classes(ov, ["a"]) is False
     assert check_classes(ov, list(m.classes)) is True
 
