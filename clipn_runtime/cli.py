@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from clipn_runtime.clikit import EXIT_PARTIAL as EXIT_SOME_FAILED
 from clipn_runtime.errors import UserError
 
 if TYPE_CHECKING:
-    from clipn_runtime.detector import Detector
+    from clipn_runtime.detector import Detection, Detector
     from clipn_runtime.inputs import InputItem
     from clipn_runtime.output import Results, RunInfo, Tally
     from clipn_runtime.prompts import PromptSet
@@ -36,8 +36,9 @@ HELP = """Score images and videos for out-of-distribution content with a clipn-o
 
 \b
 INPUTS are image files, folders (add --recursive for subfolders), @list.txt
-(one path per line) and video files or stream URLs (.mp4, .mkv, rtsp://…; needs
-the `video` extra). Every image gets one record: pred (class), prob, p_no, ctw,
+(one path per line), video files or stream URLs (.mp4, .mkv, rtsp://…; needs
+the `video` extra) and webdataset tar shards (x.tar, shards/{00000..00099}.tar,
+'pipe:cmd'; needs the `shards` extra; records named shard#key). Every image gets one record: pred (class), prob, p_no, ctw,
 atd, p_ood and ood (the decision of --method). A file that cannot be read gets a
 record with `error` set; the run always goes on.
 
@@ -49,10 +50,12 @@ Examples:
   clipn-detect @todo.txt -e bundle/ -o results.csv --resume    # continue a run
   clipn-detect clip.mp4 -e bundle/ --every 10 --smoothing 0.3  # every 10th frame
   CLIPN_ENGINE=bundle/ clipn-detect a.jpg b.png --format table
+  clipn-detect 'shards/{00000..00099}.tar' -e bundle/ -o scores.parquet
 
 \b
 Output goes to stdout (a table on a terminal, JSONL when piped) or to -o FILE
-(format from its extension: .jsonl, .csv, .txt = table). A summary (counts and
+(format from its extension: .jsonl, .csv, .txt = table, .parquet, which
+needs the `parquet` extra and cannot be resumed). A summary (counts and
 images/s) goes to stderr.
 
 \b
@@ -129,7 +132,7 @@ class DetectOptions:
     "-f",
     "--format",
     "fmt",
-    type=click.Choice(["jsonl", "csv", "table"]),
+    type=click.Choice(["jsonl", "csv", "table", "parquet"]),
     help="Output format. Default: from -o's extension, else a table on a terminal and JSONL when piped.",
 )
 @click.option(
@@ -236,7 +239,8 @@ def _run(o: DetectOptions) -> int:
             _score(o, detector, plan, tally, bar)
         except KeyboardInterrupt:
             _finish(bar, plan.results, o.output, tally, t0, detector.engine.describe())
-            where = f"; rerun with --resume -o {o.output} to continue" if o.output else ""
+            resumable = o.output and plan.results.fmt != "parquet"
+            where = f"; rerun with --resume -o {o.output} to continue" if resumable else ""
             click.echo(f"clipn-detect: interrupted — every finished result is written{where}", err=True)
             return EXIT_INTERRUPTED
         _finish(bar, plan.results, o.output, tally, t0, detector.engine.describe())
@@ -345,6 +349,9 @@ def _score(o: DetectOptions, detector: Detector, plan: _Plan, tally: Tally, bar:
             for batch in detector.iter_batches(it.path for it in group if not_done(it.path)):
                 emit(batch)
             continue
+        if kind == "shard":
+            _score_shards((it.path for it in group), detector, results, emit, not_done)
+            continue
         for item in group:
             if not not_done(item.path):
                 continue
@@ -362,6 +369,34 @@ def _score(o: DetectOptions, detector: Detector, plan: _Plan, tally: Tally, bar:
                     scored += len(batch)
             except VideoError as e:
                 emit([Detection.failed(item.path, o.method, _video_failure(e, scored + len(done)))])
+
+
+def _score_shards(
+    shards: Iterable[str],
+    detector: Detector,
+    results: Results,
+    emit: Callable[[list[Detection]], None],
+    not_done: Callable[[str], bool],
+) -> None:
+    """Consecutive tar shards' samples (those not yet in the results) as one stream, so batches span shards; a
+    shard read to its end is noted as finished once its last sample is written, so ``--resume`` does not open it
+    again."""
+    from clipn_runtime.inputs import printable
+    from clipn_runtime.shards import ShardStream
+
+    def skip(shard: str) -> bool:
+        if results.shard_done(shard):
+            log.info("%s: skipped, every sample is already in the results", printable(shard))
+            return True
+        return False
+
+    stream = ShardStream(shards, skip=skip, claim=not_done)
+    for batch in detector.iter_shard_batches(stream):
+        emit(batch)
+        for shard in stream.written(len(batch)):
+            results.finish_shard(shard)
+    for shard in stream.written(0):  # shards that ended after the last batch was written, or gave no samples
+        results.finish_shard(shard)
 
 
 def _video_failure(e: VideoError, frames_written: int) -> str:

@@ -45,6 +45,8 @@ EXTRA_MODULES: dict[str, frozenset[str]] = {
     "openvocab": frozenset({"tokenizers", "ftfy"}),
     "eval": frozenset({"sklearn", "matplotlib"}),
     "video": frozenset({"av"}),
+    "shards": frozenset({"webdataset"}),
+    "parquet": frozenset({"pyarrow"}),
     "tensorrt": frozenset({"tensorrt", "pycuda"}),
 }
 EXTRA_MODULES["demo"] = EXTRA_MODULES["export"] | EXTRA_MODULES["eval"]

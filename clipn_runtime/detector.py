@@ -16,6 +16,7 @@ flat memory. A bad input (unreadable, truncated, not an image, a decompression b
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from clipn_runtime.inputs import path_fields, printable
 from clipn_runtime.preprocess import ImageDecodeError, Preprocessor, open_image
 from clipn_runtime.prompts import PromptSet, load_prompts
 from clipn_runtime.scoring import DECISION_METHODS, FULL_OUTPUTS, METHODS, SCALAR_OUTPUTS
+from clipn_runtime.shards import ShardSample
 from clipn_runtime.vocab import check_classes
 
 if TYPE_CHECKING:
@@ -42,7 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
+#: A path, a PIL image, an H×W×3 uint8 RGB array, or a file's bytes in a ``BytesIO`` (scored as that file).
+ImageInput = Union[str, "os.PathLike[str]", io.BytesIO, Image.Image, np.ndarray]
 ScalarValue = float | int | bool
 
 #: The record fields of the JSONL format (docs/detect.md), in order (``frame``/``time`` and the smoothing fields are
@@ -352,10 +355,10 @@ class Detector:
         return self.engine.run({_INPUT: batch, **self._extra_feeds})
 
     def _prepare(self, item: ImageInput) -> _Prepared:
-        if isinstance(item, (str, os.PathLike)):
-            path = os.fspath(item)
+        if isinstance(item, (str, os.PathLike, io.BytesIO)):
+            path = None if isinstance(item, io.BytesIO) else os.fspath(item)
             try:
-                img = open_image(path, self.max_pixels)
+                img = open_image(item, self.max_pixels)
                 return _Prepared(path, self.preprocessor(img))
             except ImageDecodeError as e:
                 return _Prepared(path, error=str(e))
@@ -421,6 +424,20 @@ class Detector:
         """
         yield from self._pipeline(iter(items), self._prepare, batch_size)
 
+    def iter_shard_batches(
+        self, samples: Iterable[ShardSample], *, batch_size: int | None = None
+    ) -> Iterator[list[Detection]]:
+        """:meth:`iter_batches` for the samples of tar shards: each record is named ``shard#key``, and an image
+        member is decoded exactly as the same bytes in a file would be (same scores). Pass the samples of
+        consecutive shards as one iterable (:class:`~clipn_runtime.shards.ShardStream`): batches then span shards,
+        with no pipeline restart and no partial batch per shard."""
+        yield from self._pipeline(iter(samples), self._prepare_shard, batch_size)
+
+    def _prepare_shard(self, sample: ShardSample) -> _Prepared:
+        if sample.data is None:
+            return _Prepared(sample.name, error=sample.error or "no image in this sample")
+        return replace(self._prepare(io.BytesIO(sample.data)), path=sample.name)
+
     def iter_detect(self, items: Iterable[ImageInput], *, batch_size: int | None = None) -> Iterator[Detection]:
         """Stream one :class:`Detection` per input, in order, with bounded memory."""
         for batch in self.iter_batches(items, batch_size=batch_size):
@@ -428,7 +445,7 @@ class Detector:
 
     def detect(self, items: Iterable[ImageInput] | ImageInput) -> list[Detection]:
         """Score paths, PIL images or H×W×3 uint8 RGB arrays (one item or many) → one Detection each."""
-        if isinstance(items, (str, os.PathLike, Image.Image)) or (
+        if isinstance(items, (str, os.PathLike, io.BytesIO, Image.Image)) or (
             isinstance(items, np.ndarray) and items.ndim == 3
         ):
             items = [items]

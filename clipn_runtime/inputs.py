@@ -2,7 +2,8 @@
 
 An input is an image file, a folder (its images and videos; subfolders with ``recursive``, symbolic links to
 folders included, each real folder listed once so link loops end), ``@list.txt`` (one path per line, relative to
-the current directory; blank lines and ``#`` comments skipped) or a video file or stream URL. Nothing is read
+the current directory; blank lines and ``#`` comments skipped), a video file or stream URL, or webdataset tar
+shards (``x.tar``, ``shards/{00000..00099}.tar``, ``pipe:cmd``; see :mod:`clipn_runtime.shards`). Nothing is read
 ahead: folders are listed one directory at a time (sorted by name, so runs and ``--resume`` are reproducible),
 list files line by line, so memory stays flat over any number of inputs.
 
@@ -44,7 +45,8 @@ _URL = re.compile(r"^(rtsp|rtsps|rtmp|rtmps|http|https|udp|tcp|srt|file)://", re
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input: ``kind`` is ``"image"`` or ``"video"``."""
+    """One input: ``kind`` is ``"image"``, ``"video"`` or ``"shard"`` (one webdataset tar shard, its samples
+    scored as images)."""
 
     path: str
     kind: str
@@ -205,7 +207,13 @@ def _expand_one(spec: str, recursive: bool) -> Iterator[InputItem]:
                 "%s: no images or videos found%s", spec, "" if recursive else " (use --recursive for subfolders)"
             )
     else:
-        yield InputItem(spec, kind_of(spec))
+        from clipn_runtime.shards import expand_shards, is_shard_spec  # shards.py uses this module
+
+        if is_shard_spec(spec):
+            for shard in expand_shards(spec):
+                yield InputItem(shard, "shard")
+        else:
+            yield InputItem(spec, kind_of(spec))
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:

@@ -45,7 +45,7 @@ from clipn_runtime.prompts import PromptSet
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "csv", "table")
+FORMATS = ("jsonl", "csv", "table", "parquet")
 #: CSV columns: the JSONL fields, then the video and smoothing fields (empty for images), then the exact bytes of
 #: a file name that is not valid UTF-8 (empty for every other; last, so that no other column moves).
 CSV_FIELDS: tuple[str, ...] = RECORD_FIELDS + VIDEO_FIELDS + SMOOTH_FIELDS + (PATH_BYTES_FIELD,)
@@ -53,10 +53,19 @@ CSV_FIELDS: tuple[str, ...] = RECORD_FIELDS + VIDEO_FIELDS + SMOOTH_FIELDS + (PA
 RUN_SUFFIX = ".run.json"
 #: Version 2 added ``every``.
 RUN_FORMAT, RUN_VERSION = "clipn-detect-run", 2
+#: Beside ``-o FILE``: the tar shards whose every sample is in it, which ``--resume`` does not open again.
+SHARDS_SUFFIX = ".shards"
 #: The lock beside ``-o FILE`` while a run writes it.
 LOCK_SUFFIX = ".lock"
 RESUME_FORMATS = ("jsonl", "csv")
-_EXT_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "table"}
+_EXT_FORMAT = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".txt": "table",
+    ".parquet": "parquet",
+}
 
 
 class Writer(Protocol):
@@ -159,6 +168,39 @@ class TableWriter:
         self.fh.flush()
 
 
+def _parquet_schema(pa: Any) -> Any:
+    """The CSV columns, typed: what a data lake reads without guessing (None is a null in every column)."""
+    types = {"pred_index": pa.int64(), "ood": pa.bool_(), "frame": pa.int64(), "ood_smooth": pa.bool_()}
+    floats = {"prob", "p_no", "ctw", "atd", "p_ood", "time", "ood_score_smooth"}
+    return pa.schema([(k, types.get(k, pa.float64() if k in floats else pa.string())) for k in CSV_FIELDS])
+
+
+class ParquetWriter:
+    """Parquet with the CSV columns (pyarrow, the ``parquet`` extra): one row group per batch. The file is
+    readable once closed (Parquet's footer comes last): a run killed hard leaves a file no reader opens, and
+    ``--resume`` does not take Parquet."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            from clipn_runtime.clikit import MissingExtra
+
+            raise MissingExtra("pyarrow", "parquet", "" if e.name == "pyarrow" else str(e)) from None
+        self._pa = pa
+        self.schema = _parquet_schema(pa)
+        self.writer = pq.ParquetWriter(path, self.schema)
+
+    def write_batch(self, detections: Sequence[Detection]) -> None:
+        recs = [d.to_dict() for d in detections]
+        columns = {k: [rec.get(k) for rec in recs] for k in CSV_FIELDS}
+        self.writer.write_table(self._pa.table(columns, schema=self.schema))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def make_writer(fmt: str, fh: IO[str], *, csv_header: bool = True) -> Writer:
     if fmt == "jsonl":
         return JsonlWriter(fh)
@@ -181,7 +223,7 @@ class _Resolver:
         self._real_dir = functools.lru_cache(maxsize=65536)(os.path.realpath)
 
     def __call__(self, path: str) -> str:
-        if is_url(path):
+        if _is_stream(path):
             return path
         full = os.path.join(self.base, path)
         folder, name = os.path.split(full)
@@ -484,6 +526,33 @@ def _class_difference(was: Sequence[str], now: Sequence[str]) -> str:
     return f"class {i} was {was[i]!r}, now {now[i]!r}"
 
 
+def _is_stream(path: str) -> bool:
+    """A stream URL or a ``pipe:`` shard (and its ``pipe:…#key`` samples): a name, not a file to resolve."""
+    return is_url(path) or path.startswith("pipe:")
+
+
+def shards_file(output: str | os.PathLike[str]) -> Path:
+    """Where the shards finished in ``output`` are listed, one per line: ``output`` + ``.shards``."""
+    return Path(os.fspath(output) + SHARDS_SUFFIX)
+
+
+def _read_shards(output: str, resolve: _Resolver) -> set[str]:
+    """The finished shards listed beside ``output``; a last line without its newline was cut by a kill
+    mid-write: it is dropped from the file (the next finished shard goes on a line of its own) and that shard is
+    read again."""
+    try:
+        with open(shards_file(output), "r+b") as fh:
+            end = _last_line_end(fh, os.fstat(fh.fileno()).st_size)
+            fh.truncate(end)
+            fh.seek(0)
+            text = fh.read(end).decode("utf-8", "surrogateescape")
+        return {resolve(line) for line in text.splitlines()}
+    except FileNotFoundError:
+        return set()
+    except OSError as e:
+        raise UserError(f"cannot read {shards_file(output)}: {e.strerror or e}") from None
+
+
 def run_file(output: str | os.PathLike[str]) -> Path:
     """Where the provenance of ``output`` lives: ``output`` + ``.run.json``."""
     return Path(os.fspath(output) + RUN_SUFFIX)
@@ -531,6 +600,8 @@ class Results:
         #: scored once.
         self._claimed: set[str] = set()
         self._lock: _Lock | None = None
+        #: Tar shards (resolved) whose every sample an earlier run wrote.
+        self._shards_done: set[str] = set()
         self._check_options()
 
     def _check_options(self) -> None:
@@ -538,6 +609,8 @@ class Results:
         if out is None:
             if self.resume:
                 raise UserError("--resume continues an earlier -o FILE; pass the same -o FILE as that run")
+            if self.fmt == "parquet":
+                raise UserError("Parquet goes to a file, not stdout: pass -o FILE.parquet")
             if sys.stdout is None:
                 raise UserError("stdout is closed; write the results to a file with -o FILE")
             return
@@ -555,9 +628,8 @@ class Results:
                 "resume; drop --resume, or write to a file"
             )
         if not self.resume and not self.overwrite and is_nonempty_file(out):
-            raise UserError(
-                f"{out} already has results; add --resume to continue that run or --overwrite to replace it"
-            )
+            fix = "add --resume to continue that run or" if self.fmt in RESUME_FORMATS else "add"
+            raise UserError(f"{out} already has results; {fix} --overwrite to replace it")
 
     @property
     def special(self) -> bool:
@@ -595,6 +667,7 @@ class Results:
             )
         if not len(self.done):
             self.done = read_done(self.output, self.fmt, self.base)
+            self._shards_done = _read_shards(self.output, _Resolver(self.base))
             log.info("resuming %s: %d records already there", self.output, len(self.done))
             if self.base != self.cwd:
                 log.info(
@@ -610,6 +683,9 @@ class Results:
             self.fh = sys.stdout
             self.writer = make_writer(self.fmt, self.fh)
             return
+        if self.fmt == "parquet":
+            self._open_parquet(run, bundle_dir=bundle_dir, runner=runner)
+            return
         appending = self.appending
         try:
             Path(self.output).parent.mkdir(parents=True, exist_ok=True)
@@ -617,11 +693,23 @@ class Results:
             # (which any setup may resume), never old results under a new provenance.
             self.fh = open(self.output, "a" if appending else "w", encoding="utf-8", newline="")  # noqa: SIM115
             if not appending and not self.special:
+                shards_file(self.output).unlink(missing_ok=True)  # an overwritten run's shards are not done
                 doc = run.to_json(base_dir=self.base, bundle_dir=os.path.abspath(bundle_dir), runner=runner)
                 atomic_write(run_file(self.output), doc)
         except OSError as e:
             raise UserError(f"cannot write {self.output}: {e.strerror or e}") from None
         self.writer = make_writer(self.fmt, self.fh, csv_header=not appending)
+
+    def _open_parquet(self, run: RunInfo, *, bundle_dir: str | os.PathLike[str], runner: str) -> None:
+        assert self.output is not None
+        try:
+            Path(self.output).parent.mkdir(parents=True, exist_ok=True)
+            self.writer = ParquetWriter(self.output)
+            if not self.special:
+                doc = run.to_json(base_dir=self.base, bundle_dir=os.path.abspath(bundle_dir), runner=runner)
+                atomic_write(run_file(self.output), doc)
+        except OSError as e:
+            raise UserError(f"cannot write {self.output}: {e.strerror or e}") from None
 
     def claim(self, path: str) -> bool:
         """Take on ``path`` (as given in this run): False when it already has a whole-input record, or when this
@@ -631,6 +719,21 @@ class Results:
             return False
         self._claimed.add(key)
         return True
+
+    def shard_done(self, shard: str) -> bool:
+        """Whether an earlier run wrote every sample of ``shard`` (then it is not opened at all)."""
+        return self._resolve(shard) in self._shards_done
+
+    def finish_shard(self, shard: str) -> None:
+        """Note that every sample of ``shard`` is written (call after its last batch): ``--resume`` skips it."""
+        if self.output is None or self.special:
+            return
+        name = shard if _is_stream(shard) or os.path.isabs(shard) else _absolute(self.cwd, shard)
+        try:
+            with open(shards_file(self.output), "a", encoding="utf-8", errors="surrogateescape") as fh:
+                fh.write(name + "\n")
+        except OSError as e:
+            raise self._write_failed(e) from None
 
     def frames(self, path: str) -> set[int]:
         """The frames of video ``path`` already written."""
@@ -671,14 +774,17 @@ class Results:
     def _rebased(self, d: Detection) -> Detection:
         """Relative paths in the file are relative to where it was started; this run's, from elsewhere, are
         written absolute, so that every record of the file names its file."""
-        if d.path is None or is_url(d.path) or os.path.isabs(d.path):
+        if d.path is None or _is_stream(d.path) or os.path.isabs(d.path):
             return d
         return dataclasses.replace(d, path=_absolute(self.cwd, d.path))
 
     def close(self) -> None:
         """Close the output (stdout: flush it) and let another run write it; safe to call more than once."""
         fh, self.fh = self.fh, None
+        writer, self.writer = self.writer, None
         try:
+            if isinstance(writer, ParquetWriter):
+                writer.close()  # the footer: without it the file is unreadable
             if fh is not None and self.output is not None:
                 fh.close()
             elif fh is not None:

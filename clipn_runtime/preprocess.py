@@ -14,6 +14,7 @@ Like open_clip, EXIF orientation is *not* applied (``PIL.Image.open`` does not r
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from dataclasses import dataclass
@@ -39,17 +40,18 @@ def default_max_pixels() -> int:
     return int(Image.MAX_IMAGE_PIXELS or 0) or 2**63 - 1
 
 
-def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
+def open_image(path: str | os.PathLike[str] | io.BytesIO, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode ``path``; every failure becomes an :class:`ImageDecodeError` with a clear message.
+    A file's content already in memory (a shard member, a Ray column) comes as a ``BytesIO`` and is decoded and
+    reported exactly as the same file would be.
 
     ``max_pixels`` refuses images larger than that many pixels *before* decoding them (decompression bombs);
     ``None`` means PIL's limit. PIL itself raises for images over twice its limit, reported the same way.
     """
     limit = default_max_pixels() if max_pixels is None else max_pixels
-    p = Path(path)
+    p = path if isinstance(path, io.BytesIO) else Path(path)
     try:
-        mode = p.stat().st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if isinstance(p, Path) and not (stat.S_ISREG(mode := p.stat().st_mode) or stat.S_ISDIR(mode)):
             raise ImageDecodeError("not a regular file (a pipe, socket or device)")
         with Image.open(p) as im:
             w, h = im.size
@@ -69,7 +71,7 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
             f"refused as a decompression bomb ({e}); raise the limit with --max-pixels if the file is trusted"
         ) from None
     except FileNotFoundError:
-        what = "broken symbolic link" if p.is_symlink() else "no such file"
+        what = "broken symbolic link" if isinstance(p, Path) and p.is_symlink() else "no such file"
         raise ImageDecodeError(what) from None
     except IsADirectoryError:
         raise ImageDecodeError("is a directory, not an image file") from None
@@ -92,7 +94,9 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         raise ImageDecodeError(f"cannot decode image: {e}") from None
 
 
-def _size_or_none(p: Path) -> int | None:
+def _size_or_none(p: Path | io.BytesIO) -> int | None:
+    if isinstance(p, io.BytesIO):
+        return p.getbuffer().nbytes
     try:
         return p.stat().st_size
     except OSError:

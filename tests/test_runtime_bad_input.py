@@ -11,13 +11,22 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from helpers import SyntheticBundle, SyntheticBundleFactory, hashed_bundle, make_clip, make_images, png_header_only
+from helpers import (
+    SyntheticBundle,
+    SyntheticBundleFactory,
+    hashed_bundle,
+    import_blocker,
+    make_clip,
+    make_images,
+    png_header_only,
+)
 from PIL import Image
 
 from clipn_runtime.bundle import MANIFEST_NAME, BundleError, Manifest, load_manifest
@@ -747,3 +756,19 @@ def test_a_binary_list_file_is_refused(synthetic_bundle: SyntheticBundle, tmp_pa
     latin.write_bytes(os.fsencode(img) + b"\n" + b"caf\xe9.png\n")
     r = run(f"@{latin}", "-e", str(synthetic_bundle.root))
     assert r.exit_code == 1 and len(strict_records(r.stdout_bytes)) == 2
+
+
+def test_a_shard_without_the_shards_extra_names_it(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    """Shard inputs need webdataset (the `shards` extra); without it: one line naming the extra, exit 2."""
+    (tmp_path / "s.tar").write_bytes(b"")
+    code = import_blocker(("webdataset",)) + textwrap.dedent(
+        f"""
+        import sys
+        from clipn_runtime.cli import main
+        sys.argv = ["clipn-detect", {str(tmp_path / "s.tar")!r}, "-e", {str(synthetic_bundle.root)!r}]
+        main()
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2, r.stderr
+    assert "pip install 'clipn-ood[shards]'" in r.stderr and "Traceback" not in r.stderr
