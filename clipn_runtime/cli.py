@@ -24,8 +24,9 @@ from clipn_runtime.errors import UserError
 if TYPE_CHECKING:
     from clipn_runtime.detector import Detection, Detector
     from clipn_runtime.inputs import InputItem
-    from clipn_runtime.output import Results, RunInfo, Tally
+    from clipn_runtime.output import Tally
     from clipn_runtime.prompts import PromptSet
+    from clipn_runtime.results import Results, RunInfo
     from clipn_runtime.video import VideoError
 
 log = logging.getLogger("clipn_runtime")
@@ -255,8 +256,9 @@ def _plan(o: DetectOptions) -> _Plan:
     from clipn_runtime.classes import load_classes
     from clipn_runtime.inputs import check_list_files, expand_inputs, require_inputs
     from clipn_runtime.openvocab import open_vocabulary_spec
-    from clipn_runtime.output import Results, RunInfo, choose_format, stdout_is_tty
+    from clipn_runtime.output import choose_format, stdout_is_tty
     from clipn_runtime.prompts import load_prompts
+    from clipn_runtime.results import Results, RunInfo
     from clipn_runtime.vocab import check_classes
 
     if not o.bundle:

@@ -33,7 +33,7 @@ from clipn_runtime.bundle import MANIFEST_NAME, BundleError, Manifest, load_mani
 from clipn_runtime.cli import main
 from clipn_runtime.detector import Detector
 from clipn_runtime.inputs import path_fields, path_from_fields
-from clipn_runtime.output import RUN_SUFFIX
+from clipn_runtime.results import RUN_SUFFIX
 
 LATIN1_NAME = b"caf\xe9.png"  # "café.png" in Latin-1: not valid UTF-8
 
@@ -528,7 +528,7 @@ def test_resume_continues_the_smoothed_average_and_checks_every(
 
 
 def test_two_runs_on_one_output_refused(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
-    from clipn_runtime.output import LOCK_SUFFIX, Results, RunInfo
+    from clipn_runtime.results import LOCK_SUFFIX, Results, RunInfo
 
     make_images(tmp_path / "imgs", 2)
     out = tmp_path / "r.jsonl"
@@ -651,7 +651,8 @@ def test_run_releases_everything_when_it_stops_midway(
 ) -> None:
     import errno
 
-    from clipn_runtime.output import LOCK_SUFFIX, JsonlWriter
+    from clipn_runtime.output import JsonlWriter
+    from clipn_runtime.results import LOCK_SUFFIX
 
     make_images(tmp_path / "imgs", 4)
     closed = []
@@ -691,7 +692,7 @@ def test_a_file_reached_twice_in_one_run_is_scored_once(
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_repair_tail_reads_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
-    from clipn_runtime import output
+    from clipn_runtime import results
 
     records = [f'"x{i}","quoted\nnewline"\n' if fmt == "csv" else f'{{"path": "x{i}"}}\n' for i in range(50)]
     whole = "".join(records).encode()
@@ -717,9 +718,9 @@ def test_repair_tail_reads_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyP
         def __getattr__(self, name: str) -> Any:
             return getattr(self.fh, name)
 
-    monkeypatch.setattr(output, "_CHUNK", 64)
-    monkeypatch.setattr(output, "open", lambda *a, **kw: Recording(real_open(*a, **kw)), raising=False)
-    assert output.repair_tail(p, fmt) > 0
+    monkeypatch.setattr(results, "_CHUNK", 64)
+    monkeypatch.setattr(results, "open", lambda *a, **kw: Recording(real_open(*a, **kw)), raising=False)
+    assert results.repair_tail(p, fmt) > 0
     assert p.read_bytes() == whole
     assert reads and all(n is not None and 0 <= n <= 64 for n in reads), reads  # never the whole file
 

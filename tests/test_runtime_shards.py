@@ -16,7 +16,8 @@ from click.testing import CliRunner, Result
 from helpers import BLOCK_TORCH, SyntheticBundle, make_images
 
 from clipn_runtime.cli import main
-from clipn_runtime.output import CSV_FIELDS, shards_file
+from clipn_runtime.output import CSV_FIELDS
+from clipn_runtime.results import shards_file
 
 pytest.importorskip("webdataset", reason="shard inputs need the `shards` extra (webdataset)")
 
