@@ -151,23 +151,29 @@ def test_resume_skips_finished_samples_and_whole_shards(synthetic_bundle: Synthe
     assert r.exit_code == 1 and "cannot read shard" in out.read_text()
 
 
-def test_shard_path_is_torch_free(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
+def _detect_one_shard_in_a_process(prelude: str, check: str, bundle: SyntheticBundle, tmp_path: Path) -> None:
+    """clipn-detect on a 2-sample shard in a fresh interpreter: ``prelude`` runs first, ``check`` (an assert on
+    ``sys.modules``) after the run; both samples must be scored."""
     shard = shards_of(make_images(tmp_path / "imgs", 2), tmp_path / "shards", 2)[0]
     code = (
-        BLOCK_TORCH
+        prelude
         + "import sys\nfrom clipn_runtime.cli import main\n"
-        + "try:\n    main(prog_name='clipn-detect')\nexcept SystemExit as e:\n"
-        + "    assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch imported'\n"
-        + "    assert 'webdataset' in sys.modules\n    raise\n"
+        + "try:\n    main(prog_name='clipn-detect')\nexcept SystemExit:\n"
+        + f"    assert {check}\n    raise\n"
     )
     p = subprocess.run(
-        [sys.executable, "-c", code, str(shard), "-e", str(synthetic_bundle.root)],
+        [sys.executable, "-c", code, str(shard), "-e", str(bundle.root)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert p.returncode == 0, p.stderr
     assert len(records(p.stdout)) == 2
+
+
+def test_shard_path_is_torch_free(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    torch_free = "'webdataset' in sys.modules and not [m for m in sys.modules if m.split('.')[0] == 'torch']"
+    _detect_one_shard_in_a_process(BLOCK_TORCH, torch_free, synthetic_bundle, tmp_path)
 
 
 def test_parquet_round_trip_equals_jsonl(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
@@ -228,18 +234,6 @@ def test_reading_shards_does_not_import_an_installed_torch(
     synthetic_bundle: SyntheticBundle, tmp_path: Path
 ) -> None:
     """webdataset imports torch when it is installed (seconds of start-up per run): the runtime keeps it out."""
-    shard = shards_of(make_images(tmp_path / "imgs", 2), tmp_path / "shards", 2)[0]
-    code = (
-        "import sys, importlib.util\nfrom clipn_runtime.cli import main\n"
-        + "assert importlib.util.find_spec('torch'), 'torch is not installed: nothing to check'\n"
-        + "try:\n    main(prog_name='clipn-detect')\nexcept SystemExit:\n"
-        + "    assert 'webdataset' in sys.modules and 'torch' not in sys.modules, 'torch imported'\n    raise\n"
-    )
-    p = subprocess.run(
-        [sys.executable, "-c", code, str(shard), "-e", str(synthetic_bundle.root)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
-    assert len(records(p.stdout)) == 2
+    pytest.importorskip("torch", reason="torch is not installed: nothing to keep out")
+    check = "'webdataset' in sys.modules and 'torch' not in sys.modules, 'torch imported'"
+    _detect_one_shard_in_a_process("", check, synthetic_bundle, tmp_path)
