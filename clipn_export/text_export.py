@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
@@ -126,34 +123,6 @@ def export_text_encoder(model: nn.Module, tower: str) -> onnx.ModelProto:
     graph = program.model_proto
     graph.producer_name = "clipn-ood"
     return graph
-
-
-@dataclass(frozen=True)
-class TextEncoderParity:
-    """max |Δ| of the normalised features, ONNX (onnxruntime CPU) vs PyTorch, on some token batches."""
-
-    max_abs: float
-    prompts: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"max_abs": float(f"{self.max_abs:.3g}"), "prompts": self.prompts}
-
-
-def text_encoder_parity(model: nn.Module, tower: str, graph: onnx.ModelProto, tokens: Tensor) -> TextEncoderParity:
-    """Compare the exported ``graph`` with the PyTorch tower on ``tokens`` (N × L, L ≤ context)."""
-    from clipn_runtime.engine import open_engine
-    from clipn_runtime.scoring import l2_normalize
-
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        ref = _reference(model, tower, tokens.to(device)).float().cpu().numpy()
-    engine = open_engine(graph.SerializeToString(), device="cpu", log_severity=3)
-    try:
-        got = engine.run({TOKENS_INPUT: tokens.cpu().numpy().astype(np.int64)})[FEATURES_OUTPUT]
-    finally:
-        engine.close()
-    diff = np.abs(l2_normalize(ref) - l2_normalize(got))
-    return TextEncoderParity(float(diff.max()) if diff.size else 0.0, int(tokens.shape[0]))
 
 
 def signature(embed_dim: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
