@@ -111,16 +111,13 @@ def _methods(value: str) -> list[str]:
     "--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch."
 )
 @clikit.device_option(
-    ["auto", "cpu", "cuda", "tensorrt"],
+    clikit.ENGINE_DEVICES,
     "auto",
-    "Where the engine runs, as in clipn-detect (auto: the bundle's TensorRT plan if it runs here, else "
-    "onnxruntime with TensorRT → CUDA → CPU); with --torch, where PyTorch runs (auto: the GPU if torch sees one).",
+    clikit.ENGINE_DEVICE_HELP + " With --torch: where PyTorch runs (auto: the GPU if torch sees one).",
     why_not=clikit.GPU_BY_ENVIRONMENT,
 )
-@clikit.threads_option("onnxruntime (the engine), or torch with --torch")
-@click.option(
-    "--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Which engine of the bundle to use."
-)
+@clikit.threads_option("the engine (onnxruntime or OpenVINO), or torch with --torch")
+@clikit.engine_choice_options
 @click.option("--no-plots", is_flag=True, help="Skip the ROC and histogram PNGs.")
 @click.option("--torch", "use_torch", is_flag=True, help="Reference path: the PyTorch model instead of an engine.")
 @click.option(
@@ -143,6 +140,7 @@ def main(
     device: str,
     threads: int | None,
     precision: str | None,
+    allow_unchecked: bool,
     no_plots: bool,
     use_torch: bool,
     checkpoint: Path | None,
@@ -161,9 +159,9 @@ def main(
         if use_torch:
             if checkpoint is None:
                 raise UserError("--torch needs --checkpoint")
-            if device == "tensorrt":
+            if device == "tensorrt" or device.startswith("openvino"):
                 raise UserError(
-                    "--torch runs the PyTorch model; --device tensorrt is for engines (use auto, cpu, cuda)"
+                    f"--torch runs the PyTorch model; --device {device} is for engines (use auto, cpu, cuda)"
                 )
             scorer: Scorer = _torch_scorer(
                 engine, checkpoint, model, pretrained, classes, prompts, batch_size, device
@@ -174,7 +172,12 @@ def main(
             )
         else:
             scorer = EngineScorer(
-                engine, device=device, batch_size=batch_size, precision=precision, threads=threads
+                engine,
+                device=device,
+                batch_size=batch_size,
+                precision=precision,
+                threads=threads,
+                allow_unchecked=allow_unchecked,
             )
         report = evaluate(
             scorer,

@@ -93,8 +93,13 @@ class EngineScorer:
     def key(self) -> str:
         m, engine = self.detector.manifest, self.detector.engine
         # What changes the numbers: the bundle, the classes, the engine file and what runs it — not the threads.
-        file = m.engine(self.detector.precision).path
-        run = {"backend": engine.backend, "provider": engine.providers[0], "file": file}
+        d = self.detector
+        run = {
+            "backend": engine.backend,
+            "provider": engine.providers[0],
+            "file": d.engine_file,
+            "precision": d.numeric_precision,
+        }
         ident = {"files": [f.sha256 for f in m.files], "classes": self.classes, "engine": run}
         return "engine-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

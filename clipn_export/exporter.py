@@ -48,13 +48,21 @@ from clipn_runtime.bundle import (
     hash_entry,
     write_manifest,
 )
-from clipn_runtime.engine import DISABLED_OPTIMIZERS_KEY, EngineSpec, disabled_optimizers_for, open_engine
+from clipn_runtime.engine import (
+    DISABLED_OPTIMIZERS_KEY,
+    EngineError,
+    EngineSpec,
+    disabled_optimizers_for,
+    open_engine,
+)
+from clipn_runtime.engine_choice import ONNXRUNTIME, OPENVINO, NumericPath
 from clipn_runtime.errors import UserError
 from clipn_runtime.fileio import replace_dir
 from clipn_runtime.prompts import PromptSet, load_prompts
 from clipn_runtime.scoring import MCM_TEMPERATURE, MSP_SCALE, Scores, l2_normalize, score_features
 
 if TYPE_CHECKING:
+    from clipn_export.calibration import CalibrationSet
     from clipn_train.factory import LoadedCLIPN, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -122,6 +130,12 @@ def _validate(classes: Sequence[str], o: ExportOptions) -> None:
         raise UserError(f"--scale must be a positive number, got {o.scale}")
     if o.max_batch < 1:
         raise UserError(f"--max-batch must be ≥ 1, got {o.max_batch}")
+    if o.calibration:
+        from clipn_export.calibration import check_calibration_options, find_calibration_images, require_nncf
+
+        check_calibration_options(o.calibration, o.calibration_size, o.int8)
+        require_nncf()
+        find_calibration_images(o.calibration, o.calibration_size)  # a missing folder, too few images
     if o.tensorrt:
         from clipn_export.tensorrt import require_tensorrt
 
@@ -348,23 +362,43 @@ def _export_parts(job: _Job) -> _Parts:
 def _write_engines(job: _Job) -> tuple[list[BundleFile], list[BundleFile]]:
     """One engine per requested precision; returns their entries and those of any external-data files."""
     parts = _export_parts(job)
+    calibration = _load_calibration(job) if job.options.int8 and job.options.calibration else None
     engines: list[BundleFile] = []
     extra_files: list[BundleFile] = []
     for p in job.options.precisions:
         with _timed(job.seconds, f"engine_{p}"):
-            engine, extra = _write_engine(job, parts, p)
+            engine, extra = _write_engine(job, parts, p, calibration)
         engines.append(engine)
         extra_files += extra
         log.info("engine %s: %s (%.1f MB)", p, engine.path, engine.meta["bytes"] / 1e6)
     return engines, extra_files
 
 
-def _write_engine(job: _Job, parts: _Parts, p: str) -> tuple[BundleFile, list[BundleFile]]:
+def _load_calibration(job: _Job) -> CalibrationSet:
+    """The calibration images, decoded and cropped as the runtime will (the bundle's preprocessing)."""
+    from clipn_export.calibration import find_calibration_images, load_calibration
+
     o = job.options
+    with _timed(job.seconds, "calibration_images"):
+        found = find_calibration_images(o.calibration, o.calibration_size)
+        calibration = load_calibration(found, _preprocess(job.loaded.info, job.size, uint8_input=False))
+    log.info("int8: static, calibrated on %d of your images (%d found)", len(calibration), calibration.found)
+    return calibration
+
+
+def _write_engine(
+    job: _Job, parts: _Parts, p: str, calibration: CalibrationSet | None = None
+) -> tuple[BundleFile, list[BundleFile]]:
+    o = job.options
+    quantization: dict[str, Any] | None = None
     if p == "fp16":
         enc = prec.to_fp16(parts.encoder)
+    elif p == "int8" and calibration is not None:
+        # The encoder graph alone is quantised, then chained: the preprocessing and the head stay fp32.
+        enc, quantization = prec.to_int8_static(parts.encoder, calibration, progress=o.progress)
     elif p == "int8":
         enc = prec.to_int8(parts.encoder, o.int8_options)
+        quantization = {"method": prec.METHOD_DYNAMIC, **vars(o.int8_options or prec.Int8Options())}
     else:
         enc = parts.encoder
     graph = ox.chain([*parts.front, (ox.PREFIX_ENCODER, enc), (ox.PREFIX_HEAD, parts.head_graph)])
@@ -373,7 +407,7 @@ def _write_engine(job: _Job, parts: _Parts, p: str) -> tuple[BundleFile, list[Bu
     name = prec.ENGINE_FILES[p]
     written = ox.save_model(graph, job.staging / name)
     inputs, outputs = ox.graph_signature(graph)
-    meta = _engine_meta(o, p, written)
+    meta = _engine_meta(o, p, written, quantization)
     extra = []
     if len(written) > 1:
         meta["external_data"] = written[1].name
@@ -384,7 +418,9 @@ def _write_engine(job: _Job, parts: _Parts, p: str) -> tuple[BundleFile, list[Bu
     return engine, extra
 
 
-def _engine_meta(o: ExportOptions, p: str, written: Sequence[Path]) -> dict[str, Any]:
+def _engine_meta(
+    o: ExportOptions, p: str, written: Sequence[Path], quantization: dict[str, Any] | None = None
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "encoder_precision": p,
         "head_precision": "fp32",
@@ -395,8 +431,8 @@ def _engine_meta(o: ExportOptions, p: str, written: Sequence[Path]) -> dict[str,
     }
     if o.open_vocabulary:
         meta["bank_inputs"] = dict(ox.BANK_INPUTS)
-    if p == "int8":
-        meta["quantization"] = {"method": "onnxruntime dynamic", **vars(o.int8_options or prec.Int8Options())}
+    if quantization is not None:  # how the int8 encoder was quantised, and on what
+        meta["quantization"] = quantization
     disabled = disabled_optimizers_for(p)
     if disabled:  # what every session of this engine must skip (clipn_runtime.engine reads it from here)
         meta[DISABLED_OPTIMIZERS_KEY] = list(disabled)
@@ -413,12 +449,14 @@ def _run_parity_gate(job: _Job, engines: list[BundleFile]) -> ParityReport:
         pixels = normalize_uint8(images, info.mean, info.std)
         ref, ref_emb = _reference(job.loaded, pixels, job.bank, job.scale)
 
-        def runner(entry: BundleFile) -> Any:
+        def runner(entry: BundleFile, path: NumericPath) -> Any:
             def run(x: Any) -> dict[str, Any]:
-                # The session clipn-detect --device cpu opens for this engine, from the manifest entry it reads;
-                # opened when its turn comes and closed after, so one engine's memory is held at a time.
-                spec = EngineSpec.from_bundle(job.staging, entry)
-                engine = open_engine(spec, device="cpu", threads=o.threads, log_severity=3)
+                # The engine clipn-detect opens for this path (--device cpu, or openvino with the path's hint),
+                # from the manifest entry it reads; opened when its turn comes and closed after, so one engine's
+                # memory is held at a time.
+                spec = replace(EngineSpec.from_bundle(job.staging, entry), inference_precision=path.hint)
+                device = "cpu" if path.backend == ONNXRUNTIME else path.backend
+                engine = open_engine(spec, device=device, threads=o.threads, log_severity=3)
                 try:
                     return engine.run({ox.IMAGE_INPUT: x})
                 finally:
@@ -426,13 +464,44 @@ def _run_parity_gate(job: _Job, engines: list[BundleFile]) -> ParityReport:
 
             return run
 
-        return run_parity(
-            [(e.precision or "fp32", runner(e)) for e in engines],
+        paths, skipped = gate_paths(engines, open_vocabulary=o.open_vocabulary)
+        report = run_parity(
+            [(path, runner(entry, path)) for entry, path in paths],
             images if o.uint8_input else pixels,
             ref,
             ref_emb if o.embeddings else None,
             o.parity,
+            errors=(EngineError,),
         )
+        report.skipped.update(skipped)
+        return report
+
+
+def gate_paths(
+    engines: Sequence[BundleFile], *, open_vocabulary: bool
+) -> tuple[list[tuple[BundleFile, NumericPath]], dict[str, str]]:
+    """The numeric paths the gate runs here — every engine on onnxruntime, and on OpenVINO (f32, and bf16 where
+    this CPU runs it) when it is installed — and those it cannot run here, with the reason."""
+    from clipn_runtime.ov_engine import cpu_supports_bf16, openvino_importable
+
+    paths: list[tuple[BundleFile, NumericPath]] = []
+    skipped: dict[str, str] = {}
+    openvino = openvino_importable() and not open_vocabulary
+    bf16 = openvino and cpu_supports_bf16()
+    for e in engines:
+        p = e.precision or "fp32"
+        paths.append((e, NumericPath(p)))
+        for hint in ("f32", "bf16"):
+            path = NumericPath(p, OPENVINO, hint)
+            if open_vocabulary:
+                continue  # OpenVINO folds the bank inputs into constants: the runtime never runs these
+            if not openvino:
+                skipped[path.key] = "OpenVINO was not installed where the bundle was exported"
+            elif hint == "bf16" and not bf16:
+                skipped[path.key] = "the export machine's CPU does not run bf16"
+            else:
+                paths.append((e, path))
+    return paths, skipped
 
 
 def _build_plan(job: _Job) -> BundleFile:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clipn_export.calibration import DEFAULT_CALIBRATION_SIZE
 from clipn_export.parity import ParityOptions
 from clipn_runtime.prompts import DEFAULT_PROMPTS, PromptSet
 
@@ -22,7 +23,9 @@ class ExportOptions:
     """How to export; every field has the default ``clipn-export`` has.
 
     Engines: the fp32 ``model.onnx`` always; ``fp16``/``int8`` add ``model.fp16.onnx``/``model.int8.onnx``
-    (encoder converted, preprocessing and head fp32, ``int8_options`` the quantisation's knobs); ``uint8_input``
+    (encoder converted, preprocessing and head fp32, ``int8_options`` the dynamic quantisation's knobs);
+    ``calibration`` (image files, folders, ``@lists``) makes the int8 engine static int8, calibrated on at most
+    ``calibration_size`` of those images (:mod:`clipn_export.calibration`); ``uint8_input``
     makes them take raw uint8 NHWC crops; ``full_outputs``/``embeddings`` add the per-class outputs and the image
     embedding. ``scale`` defaults to the checkpoint CLIP's ``exp(logit_scale)``. ``open_vocabulary`` adds the
     ONNX text encoders and ``tokenizer.json`` and makes the engines take the class banks as inputs.
@@ -37,6 +40,8 @@ class ExportOptions:
     fp16: bool = False
     int8: bool = False
     int8_options: Int8Options | None = None
+    calibration: tuple[str, ...] = ()
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE
     uint8_input: bool = False
     full_outputs: bool = False
     embeddings: bool = False

@@ -5,14 +5,20 @@ reference :func:`clipn_runtime.scoring.score_features` on the banks that were ba
 engine in onnxruntime (CPU). Per engine and output the max |Δ| is measured, decision flips are counted and
 the Spearman rank correlation of the ATD score is computed.
 
+Every *numeric path* the runtime may run is measured (:class:`clipn_runtime.engine_choice.NumericPath`): each
+engine on onnxruntime's CPU provider, and — where OpenVINO is installed — on OpenVINO's CPU plugin with the f32
+hint and, on CPUs that run bf16, the bf16 hint. A path is gated by the precision its numbers have (the fp32 file
+in bf16 is gated as bf16). The onnxruntime paths must pass for the export to succeed; an OpenVINO path that
+fails is recorded as failed, and the runtime never picks it.
+
 Gate (thresholds in :class:`ParityOptions`):
 
 * fp32: every float output within ``atol`` (1e-4) and identical decisions (``pred``, ``ood_ctw``,
   ``ood_atd``). A flip where the reference itself sits within ``2·atol`` of the decision boundary (top-2 logit
   gap, ``|p_no − 0.5|``, ``|p_ood − max_c (1 − p_no_c) p_c|``) is counted as *borderline* and reported, not
   failed: the sign of a difference smaller than the tolerance is not determined by the arithmetic.
-* fp16 / int8: report max |Δ| and decision flips; gate on the ATD rank correlation (``min_rank_corr``) and,
-  when set, on a max |Δ| of the ATD/CTW scores (``max_abs``). The rank correlation is gated only when the
+* fp16 / bf16 / int8: report max |Δ| and decision flips; gate on the ATD rank correlation (``min_rank_corr``)
+  and, when set, on a max |Δ| of the ATD/CTW scores (``max_abs``). The rank correlation is gated only when the
   reference ATD scores of the test images spread over at least ``min_atd_range``: when they all but coincide
   (a saturated or untrained model) their order is float noise, so ρ is reported but says nothing.
 """
@@ -28,6 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from clipn_runtime.engine_choice import ONNXRUNTIME, NumericPath
 from clipn_runtime.scoring import Scores
 
 log = logging.getLogger(__name__)
@@ -48,9 +55,9 @@ class ParityOptions:
     #: fp32: max |Δ| allowed for every float output.
     atol: float = 1e-4
     #: fp16/int8: minimum Spearman ρ of the ATD score over the images.
-    min_rank_corr: Mapping[str, float] = field(default_factory=lambda: {"fp16": 0.99, "int8": 0.95})
-    #: fp16/int8: maximum |Δ| of atd/ctw/p_ood/p_no; ``None`` = report only.
-    max_abs: Mapping[str, float | None] = field(default_factory=lambda: {"fp16": None, "int8": None})
+    min_rank_corr: Mapping[str, float] = field(default_factory=lambda: {"fp16": 0.99, "bf16": 0.99, "int8": 0.95})
+    #: fp16/bf16/int8: maximum |Δ| of atd/ctw/p_ood/p_no; ``None`` = report only.
+    max_abs: Mapping[str, float | None] = field(default_factory=lambda: {"fp16": None, "bf16": None, "int8": None})
     #: The rank gate needs the reference ATD scores to span at least this much (max − min).
     min_atd_range: float = 1e-3
 
@@ -70,6 +77,18 @@ class PrecisionParity:
     passed: bool
     failures: list[str]
     notes: list[str] = field(default_factory=list)
+    #: The numeric path measured (``precision`` is the precision its numbers have, the gate's class).
+    path: str = ""
+
+    @property
+    def numeric_path(self) -> NumericPath:
+        return NumericPath.parse(self.path) if self.path else NumericPath(self.precision)
+
+    @property
+    def label(self) -> str:
+        """A column heading: the engine's precision, and the backend when it is not onnxruntime."""
+        p = self.numeric_path
+        return p.precision if p.backend == ONNXRUNTIME else f"{p.precision} ov-{p.hint}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -84,10 +103,13 @@ class PrecisionParity:
 class ParityReport:
     results: list[PrecisionParity]
     options: ParityOptions
+    #: Paths the gate could not run here (path key → why); the runtime treats them as unchecked.
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """The engines' own gate (onnxruntime, what every install runs); OpenVINO paths are recorded apart."""
+        return all(r.passed for r in self.results if r.numeric_path.backend == ONNXRUNTIME)
 
     def to_dict(self) -> dict[str, Any]:
         """What goes into the manifest's ``parity``."""
@@ -97,14 +119,22 @@ class ParityReport:
             "images": o.images,
             "seed": o.seed,
             "reference": "PyTorch image tower (fp32) + clipn_runtime.scoring on the baked banks",
-            "runner": "onnxruntime CPUExecutionProvider",
+            "runner": "onnxruntime CPUExecutionProvider; OpenVINO CPU where installed (paths)",
             "thresholds": {
                 "atol_fp32": o.atol,
                 "min_rank_corr": dict(o.min_rank_corr),
                 "max_abs": dict(o.max_abs),
                 "min_atd_range": o.min_atd_range,
             },
-            "engines": {r.precision: r.to_dict() for r in self.results},
+            "engines": {
+                r.numeric_path.precision: r.to_dict()
+                for r in self.results
+                if r.numeric_path.backend == ONNXRUNTIME
+            },
+            "paths": {
+                **{k: {"passed": None, "skipped": why} for k, why in self.skipped.items()},
+                **{r.numeric_path.key: r.to_dict() for r in self.results},
+            },
         }
 
     def table(self) -> str:
@@ -113,9 +143,9 @@ class ParityReport:
             return "parity: not run"
         outputs = list(self.results[0].max_abs)
         w0 = max(len("ATD range (reference)"), *(len(f"max |Δ| {n}") for n in outputs))
-        cols = [r.precision for r in self.results]
+        cols = [r.label for r in self.results]
         lines = [
-            f"parity: {self.options.images} generated images, onnxruntime (CPU) vs PyTorch + reference scoring",
+            f"parity: {self.options.images} generated images, each engine (CPU) vs PyTorch + reference scoring",
             f"{'':<{w0}}  " + "  ".join(f"{c:>12}" for c in cols),
         ]
         for name in outputs:
@@ -142,9 +172,11 @@ class ParityReport:
         )
         for r in self.results:
             for f in r.failures:
-                lines.append(f"  {r.precision}: {f}")
+                lines.append(f"  {r.label}: {f}")
             for note in r.notes:
-                lines.append(f"  {r.precision}: note: {note}")
+                lines.append(f"  {r.label}: note: {note}")
+        for key, why in self.skipped.items():
+            lines.append(f"  {key}: not checked: {why}")
         if any(r.borderline.get(n, 0) for r in self.results for n in DECISIONS):
             lines.append("  (bdl = borderline: the reference is within 2·atol of that decision's boundary)")
         return "\n".join(lines)
@@ -265,17 +297,32 @@ def compare(
 
 
 def run_parity(
-    engines: Sequence[tuple[str, Callable[[npt.NDArray[Any]], dict[str, npt.NDArray[Any]]]]],
+    engines: Sequence[tuple[str | NumericPath, Callable[[npt.NDArray[Any]], dict[str, npt.NDArray[Any]]]]],
     engine_input: npt.NDArray[Any],
     reference: Scores,
     reference_embedding: npt.NDArray[np.float32] | None,
     options: ParityOptions,
+    *,
+    errors: tuple[type[Exception], ...] = (),
 ) -> ParityReport:
-    """Run each ``(precision, run)`` engine on ``engine_input`` and compare it with ``reference``."""
+    """Run each ``(path, run)`` engine on ``engine_input`` and compare it with ``reference``; ``path`` is a
+    :class:`NumericPath` or an engine precision (onnxruntime). A path other than onnxruntime whose run raises one
+    of ``errors`` (its backend cannot start here) is recorded as skipped with the reason."""
     results = []
-    for precision, run in engines:
-        outputs = run(engine_input)
+    skipped: dict[str, str] = {}
+    for which, run in engines:
+        path = which if isinstance(which, NumericPath) else NumericPath(which)
+        precision = path.numeric
+        try:
+            outputs = run(engine_input)
+        except errors as e:
+            if path.backend == ONNXRUNTIME:
+                raise
+            skipped[path.key] = f"could not run at export: {e}"
+            log.warning("parity: %s not checked: %s", path.describe(), e)
+            continue
         r = compare(precision, outputs, reference, options)
+        r.path = path.key
         if reference_embedding is not None and "embedding" in outputs:
             d = float(np.max(np.abs(outputs["embedding"].astype(np.float64) - reference_embedding)))
             r.max_abs["embedding"] = d
@@ -286,4 +333,4 @@ def run_parity(
         if not math.isfinite(sum(r.max_abs.values())):
             r.failures.append("non-finite outputs")
             r.passed = False
-    return ParityReport(results, options)
+    return ParityReport(results, options, skipped)

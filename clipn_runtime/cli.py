@@ -89,6 +89,7 @@ class DetectOptions:
     batch_size: int
     device: str
     precision: str | None
+    allow_unchecked: bool
     threads: int | None
     workers: int | None
     every: int
@@ -151,19 +152,9 @@ class DetectOptions:
 @click.option(
     "-b", "--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Images per batch."
 )
-@clikit.device_option(
-    ["auto", "cpu", "cuda", "tensorrt"],
-    "auto",
-    "Where the engine runs. auto: the bundle's TensorRT plan if it runs here, else onnxruntime with TensorRT → "
-    "CUDA → CPU as available (GPUs need onnxruntime-gpu).",
-    why_not=clikit.GPU_BY_ENVIRONMENT,
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "fp16", "int8"]),
-    help="Which of the bundle's engines to run. Default: the first one it lists.",
-)
-@clikit.threads_option("onnxruntime")
+@clikit.device_option(clikit.ENGINE_DEVICES, "auto", clikit.ENGINE_DEVICE_HELP, why_not=clikit.GPU_BY_ENVIRONMENT)
+@clikit.engine_choice_options
+@clikit.threads_option("the engine (onnxruntime or OpenVINO)")
 @click.option(
     "--workers", type=click.IntRange(1), help="Image decoding threads (overlapped with inference). Default: ≤ 4."
 )
@@ -309,6 +300,7 @@ def _open_detector(o: DetectOptions, plan: _Plan) -> Detector:
         batch_size=o.batch_size,
         threads=o.threads,
         precision=o.precision,
+        allow_unchecked=o.allow_unchecked,
         decode_workers=o.workers,
         max_pixels=o.max_pixels,
         verify_hashes=False,  # _plan's load_manifest just checked them
@@ -316,7 +308,7 @@ def _open_detector(o: DetectOptions, plan: _Plan) -> Detector:
     try:
         detector.set_classes(plan.names, plan.prompt_set, source=o.classes or "classes", progress=not o.quiet)
         plan.results.open(
-            plan.run_info.with_engine(detector.engine_file),
+            plan.run_info.with_engine(detector.engine_file, detector.numeric_precision),
             bundle_dir=o.bundle,
             runner=detector.engine.describe(),
         )

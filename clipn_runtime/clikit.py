@@ -310,14 +310,24 @@ def threads_option(what: str, default: int | None = None) -> Callable[[F], F]:
 
 
 #: The one device vocabulary of every clipn-ood CLI; each command accepts the part it can honour.
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "tensorrt", "openvino", "openvino:X")
 #: ``why_not`` of the commands whose engine runs on the GPU the process sees (the runtime's): how to pick one.
 GPU_BY_ENVIRONMENT = {"cuda:N": "pick the GPU with CUDA_VISIBLE_DEVICES={index} and pass --device cuda"}
-_DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "trt": "tensorrt", "tensor-rt": "tensorrt", "ort": "cpu"}
+_DEVICE_ALIASES = {
+    "gpu": "cuda",
+    "nvidia": "cuda",
+    "trt": "tensorrt",
+    "tensor-rt": "tensorrt",
+    "ort": "cpu",
+    "ov": "openvino",
+    "open-vino": "openvino",
+}
 
 
 def _device_kind(value: str) -> str:
-    return "cuda:N" if re.fullmatch(r"cuda:\d+", value) else value
+    if re.fullmatch(r"cuda:\d+", value):
+        return "cuda:N"
+    return "openvino:X" if re.fullmatch(r"openvino:[a-z0-9_.]+", value) else value
 
 
 def _device_suggestion(value: str) -> str | None:
@@ -326,7 +336,7 @@ def _device_suggestion(value: str) -> str | None:
     guess = _DEVICE_ALIASES.get(guess, guess)
     if _device_kind(guess) in DEVICES:
         return guess
-    close = difflib.get_close_matches(value, [d for d in DEVICES if d != "cuda:N"], n=1)
+    close = difflib.get_close_matches(value, [d for d in DEVICES if not d.endswith((":N", ":X"))], n=1)
     return close[0] if close else None
 
 
@@ -379,6 +389,36 @@ def device_option(
         show_default=True,
         help=f"{detail}{gpu_n}",
     )
+
+
+#: The devices an engine (a bundle's image engine) runs on: clipn-detect and clipn-eval.
+ENGINE_DEVICES = ("auto", "cpu", "cuda", "tensorrt", "openvino", "openvino:X")
+ENGINE_DEVICE_HELP = (
+    "Where the engine runs. auto: the bundle's TensorRT plan if it runs here, else onnxruntime on a GPU "
+    "(TensorRT → CUDA; needs onnxruntime-gpu), else OpenVINO on the CPU where it is installed, else onnxruntime on "
+    "the CPU. cpu: onnxruntime on the CPU. openvino: OpenVINO on the CPU. openvino:GPU, openvino:NPU: an Intel "
+    "GPU/NPU through OpenVINO (the parity gate runs on the CPU only: needs --allow-unchecked)."
+)
+RUNTIME_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+def engine_choice_options(f: F) -> F:
+    """``--precision`` and ``--allow-unchecked``: which numeric path of a bundle runs
+    (:mod:`clipn_runtime.engine_choice`)."""
+    f = click.option(
+        "--allow-unchecked",
+        is_flag=True,
+        help="Run a device/precision the bundle's parity gate did not check or did not pass (a warning says "
+        "which). Without it, such a choice is refused (exit 2).",
+    )(f)
+    return click.option(
+        "--precision",
+        type=click.Choice(RUNTIME_PRECISIONS),
+        help="Compute at this precision (bf16: the fp32 engine on OpenVINO with bf16 arithmetic, on CPUs with "
+        "AVX-512 BF16 or AMX). Default: the fastest engine that passed the bundle's parity gate for --device; on "
+        "a CPU int8, then fp32 (bf16 first where the CPU has it, OpenVINO before onnxruntime), then fp16; on a "
+        "GPU fp16, fp32, int8.",
+    )(f)
 
 
 # ---- output locations ----------------------------------------------------------------------------------------

@@ -31,7 +31,17 @@ import numpy as np
 from PIL import Image
 
 from clipn_runtime.bundle import ROLE_TENSORRT, ROLE_TEXT_BANK, TOWERS, BundleError, Manifest, load_manifest
-from clipn_runtime.engine import DEVICES, Engine, EngineError, EngineSpec, open_engine, tensorrt_importable
+from clipn_runtime.engine import (
+    CUDA_EP,
+    Engine,
+    EngineError,
+    EngineSpec,
+    available_providers,
+    check_device,
+    open_engine,
+    tensorrt_importable,
+)
+from clipn_runtime.engine_choice import ONNXRUNTIME, NumericPath, PathChoice, choose_path
 from clipn_runtime.inputs import path_fields, printable
 from clipn_runtime.preprocess import ImageDecodeError, Preprocessor, open_image
 from clipn_runtime.prompts import PromptSet, load_prompts
@@ -142,10 +152,13 @@ class Detector:
     """Loads a bundle and scores images with it.
 
     ``device``: ``auto`` (native TensorRT plan if the bundle has one and it runs here, else onnxruntime with
-    TensorRT → CUDA → CPU as available), ``cpu``, ``cuda`` or ``tensorrt``. ``method``: ``atd`` or ``ctw``
-    (decides ``ood``). ``precision`` picks the bundle's fp32/fp16/int8 engine (default: the first listed).
-    ``threads``: onnxruntime intra-op threads (default: onnxruntime's). ``decode_workers``: image decoding
-    threads. ``max_pixels``: larger images are refused as decompression bombs (default: PIL's limit).
+    TensorRT → CUDA → CPU as available, or OpenVINO on a CPU where it is installed), ``cpu`` (onnxruntime),
+    ``cuda``, ``tensorrt``, ``openvino`` or ``openvino:<device>``. ``method``: ``atd`` or ``ctw`` (decides
+    ``ood``). ``precision`` (fp32/bf16/fp16/int8) narrows the engine choice; by default the fastest engine and
+    backend that passed the export's parity gate runs (:mod:`clipn_runtime.engine_choice`), and one that did not
+    is refused unless ``allow_unchecked``. ``threads``: intra-op threads (default: the backend's).
+    ``decode_workers``: image decoding threads. ``max_pixels``: larger images are refused as decompression bombs
+    (default: PIL's limit).
     """
 
     def __init__(
@@ -160,11 +173,14 @@ class Detector:
         decode_workers: int | None = None,
         max_pixels: int | None = None,
         verify_hashes: bool = True,
+        allow_unchecked: bool = False,
     ) -> None:
         if method not in DECISION_METHODS:
             raise ValueError(f"method must be one of {', '.join(DECISION_METHODS)}, got {method!r}")
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        try:
+            check_device(device)
+        except EngineError as e:
+            raise ValueError(str(e)) from None
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.bundle_dir = Path(bundle_dir)
@@ -175,6 +191,9 @@ class Detector:
         self.max_pixels = max_pixels
         self.decode_workers = decode_workers or min(4, os.cpu_count() or 1)
         self.device, self.threads, self.precision = device, threads, precision
+        self.allow_unchecked = allow_unchecked
+        #: The numeric path that runs (None: the native TensorRT plan, which the manifest records separately).
+        self.numeric_path: NumericPath | None = None
         self.engine: Engine = self._open_engine(device, threads, precision)
         self.batch_size = batch_size
         if self.engine.max_batch is not None and batch_size > self.engine.max_batch:
@@ -204,22 +223,64 @@ class Detector:
             if tensorrt_importable():
                 try:
                     spec = EngineSpec.from_bundle(self.bundle_dir, plan, built_for=self.manifest.tensorrt)
-                    return open_engine(spec, device=device)
+                    engine = open_engine(spec, device=device)
+                    self.numeric_path = None
+                    return engine
                 except EngineError as e:
                     if device == "tensorrt":
                         raise
                     log.warning("not using the bundle's TensorRT plan: %s", e)
             elif device == "tensorrt":
                 log.info("tensorrt/pycuda not installed: running the ONNX engine with onnxruntime's TensorRT EP")
-        onnx_file = self.manifest.engine(precision)
-        return open_engine(
-            EngineSpec.from_bundle(self.bundle_dir, onnx_file),
+        choice = self._choose(device, precision)
+        try:
+            return self._open_path(choice, device, threads)
+        except EngineError as e:
+            if device != "auto" or choice.path.backend == ONNXRUNTIME:
+                raise
+            # auto: a backend that cannot start here (OpenVINO failing to compile) leaves onnxruntime.
+            log.warning("not using %s: %s", choice.path.describe(), e)
+            return self._open_path(self._choose("cpu", precision), "cpu", threads)
+
+    def _choose(self, device: str, precision: str | None) -> PathChoice:
+        from clipn_runtime.ov_engine import cpu_supports_bf16, openvino_importable
+
+        wants_ov = device == "auto" or device.startswith("openvino")
+        openvino = wants_ov and openvino_importable()
+        choice = choose_path(
+            self.manifest,
+            device=device,
+            precision=precision,
+            gpu=device == "auto" and CUDA_EP in available_providers(),
+            openvino=openvino,
+            bf16=openvino and cpu_supports_bf16(),
+            allow_unchecked=self.allow_unchecked,
+        )
+        for why in choice.skipped:
+            log.info("engine choice: skipped %s", why)
+        if choice.unchecked is not None:
+            log.warning(
+                "running the %s, which clipn-export's parity gate did not pass (%s): its scores may not match "
+                "the model",
+                choice.path.describe(),
+                choice.unchecked,
+            )
+        return choice
+
+    def _open_path(self, choice: PathChoice, device: str, threads: int | None) -> Engine:
+        spec = replace(EngineSpec.from_bundle(self.bundle_dir, choice.entry), inference_precision=choice.path.hint)
+        if choice.path.backend != ONNXRUNTIME and not device.startswith("openvino"):
+            device = choice.path.backend  # auto → openvino (its CPU plugin)
+        engine = open_engine(
+            spec,
             device=device,
             threads=threads,
             # Open-vocabulary engines take the class banks as initialisers that are also inputs, and onnxruntime
             # warns about each at load; that is the design here, not a problem to report.
             log_severity=3 if self.manifest.is_open_vocabulary else None,
         )
+        self.numeric_path = choice.path
+        return engine
 
     def _validate(self) -> None:
         """The graph must take ``image`` as the manifest says and emit every scalar output, and every class
@@ -343,6 +404,14 @@ class Detector:
         """The bundle file the engine runs (``model.onnx``, ``model.fp16.onnx``, ``model.plan``)."""
         path = self.engine.path
         return path.name if path is not None else self.engine.describe()
+
+    @property
+    def numeric_precision(self) -> str:
+        """The precision the scores are computed in: fp32, bf16 (OpenVINO's hint on the fp32 file), fp16, int8."""
+        if self.numeric_path is not None:
+            return self.numeric_path.numeric
+        plan = self.manifest.file(ROLE_TENSORRT)
+        return str(plan.precision or "fp32") if plan is not None else "fp32"
 
     @property
     def provider(self) -> str:

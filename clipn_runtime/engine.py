@@ -1,4 +1,4 @@
-"""Engines: every onnxruntime session and native TensorRT plan of the project is opened here.
+"""Engines: every onnxruntime session, OpenVINO compiled model and native TensorRT plan is opened here.
 
 :func:`open_engine` is the one constructor. It takes an :class:`EngineSpec` (what to open: a file or serialized
 bytes, and what the bundle's manifest says about it) and :class:`EngineOptions` (how to run it: device, threads)
@@ -20,6 +20,10 @@ It also gets ``trt_fp16_enable`` off (an fp16 engine already says in its graph w
 only the batch axis is dynamic, one optimisation profile up to the bundle's max batch (built once, not again
 as batches grow).
 
+The OpenVINO backend (:mod:`clipn_runtime.ov_engine`, ``--device openvino``) compiles the same ONNX files with
+an explicit inference precision; which engine and precision run is decided from the parity gate's records by
+:mod:`clipn_runtime.engine_choice`.
+
 The native TensorRT backend (``model.plan`` + tensorrt + pycuda, both optional and imported lazily) uses the
 named-tensor API of TensorRT 10 and 11 with persistent page-locked host buffers. A plan only runs with the
 TensorRT version and GPU architecture it was built for; the manifest records both and :func:`plan_problems`
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -44,7 +48,9 @@ from clipn_runtime.fileio import sha256_file
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt", "openvino")
+#: ``openvino:X``: OpenVINO's device X (GPU, NPU, ...); plain ``openvino`` is its CPU plugin.
+OPENVINO_DEVICE_PREFIX = "openvino:"
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
@@ -79,7 +85,7 @@ class EngineError(UserError):
 class Engine(Protocol):
     """What every backend offers; the detector asks nothing else of it."""
 
-    backend: str  # "onnxruntime" or "tensorrt"
+    backend: str  # a key of BACKENDS: "onnxruntime", "tensorrt" or "openvino"
     path: Path | None  # the engine file (None: built from bytes)
     providers: tuple[str, ...]  # what actually runs the graph, best first
     fallback_notes: list[str]  # why a better provider is not running it (empty: none was left out)
@@ -99,6 +105,17 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def is_openvino_device(device: str) -> bool:
+    """``openvino`` or ``openvino:X``: the OpenVINO backend runs the engine."""
+    return device == "openvino" or (device.startswith(OPENVINO_DEVICE_PREFIX) and len(device) > 9)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device outside the runtime's vocabulary (:data:`DEVICES` and ``openvino:X``)."""
+    if device not in DEVICES and not is_openvino_device(device):
+        raise EngineError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)} or openvino:<device>")
+
+
 def disabled_optimizers_for(precision: str | None) -> tuple[str, ...]:
     """The onnxruntime optimiser passes an engine of ``precision`` must skip (what the manifest records)."""
     return FP16_DISABLED_OPTIMIZERS if precision == "fp16" else ()
@@ -113,6 +130,8 @@ class EngineSpec:
     ``max_batch``/``opt_batch`` bound the TensorRT EP's profile; ``inputs`` are the graph inputs the profile
     covers. ``tensorrt_ep=False`` leaves the TensorRT EP out (graphs run once per class list, for which a
     TensorRT build costs more than it saves). ``built_for``: a native plan's TensorRT version and GPU.
+    ``inference_precision``: the OpenVINO backend's ``INFERENCE_PRECISION_HINT`` (``f32``/``bf16``; ``None``
+    is f32, never OpenVINO's own default).
     """
 
     source: str | Path | bytes
@@ -125,6 +144,7 @@ class EngineSpec:
     inputs: tuple[TensorSpec, ...] = ()
     tensorrt_ep: bool = True
     built_for: Mapping[str, Any] | None = None
+    inference_precision: str | None = None
 
     @classmethod
     def from_bundle(
@@ -214,8 +234,9 @@ def plan_providers(device: str, available: Sequence[str], *, tensorrt_ep: bool =
     device that this build lacks is an :class:`EngineError` naming the fix. ``tensorrt_ep=False`` leaves the
     TensorRT EP out (``tensorrt`` then means CUDA).
     """
-    if device not in DEVICES:
-        raise EngineError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    check_device(device)
+    if is_openvino_device(device):
+        raise EngineError(f"--device {device} runs OpenVINO, not onnxruntime")
     if not tensorrt_ep:
         available = [p for p in available if p != TRT_EP]
         device = "cuda" if device == "tensorrt" else device
@@ -643,10 +664,18 @@ class TensorRTEngine:
 
 # ---- the one constructor -------------------------------------------------------------------------------------
 
+
+def _openvino_engine(spec: EngineSpec, options: EngineOptions) -> Engine:
+    from clipn_runtime.ov_engine import OpenVinoEngine  # imported on use: openvino is an optional extra
+
+    return OpenVinoEngine(spec, options)
+
+
 #: Backend name (``EngineSpec.backend``) → class; a backend takes ``(EngineSpec, EngineOptions)``.
 BACKENDS: dict[str, Callable[[EngineSpec, EngineOptions], Engine]] = {
     "onnxruntime": OrtEngine,
     "tensorrt": TensorRTEngine,
+    "openvino": _openvino_engine,
 }
 
 
@@ -658,9 +687,14 @@ def open_engine(
     log_severity: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> Engine:
-    """Open an engine: ``spec`` (or a bare ONNX path/bytes) on ``device`` with ``threads`` intra-op threads."""
+    """Open an engine: ``spec`` (or a bare ONNX path/bytes) on ``device`` with ``threads`` intra-op threads.
+
+    An ONNX engine on an OpenVINO device (``openvino``, ``openvino:X``) goes to the OpenVINO backend."""
     if not isinstance(spec, EngineSpec):
         spec = EngineSpec(spec)
+    check_device(device)
+    if is_openvino_device(device) and spec.backend == "onnxruntime":
+        spec = replace(spec, backend="openvino")
     try:
         backend = BACKENDS[spec.backend]
     except KeyError:

@@ -269,21 +269,24 @@ class RunInfo:
             bundle_manifest_sha256=sha256_file(Path(bundle_dir) / MANIFEST_NAME),
             classes=tuple(classes),
             method=method,
-            precision=manifest.engine(precision).precision,
+            # The precision asked for (None: the default choice); the one that runs is known once the engine is
+            # open (:meth:`with_engine`).
+            precision=precision,
             prompts={"name": name, "sha256": _digest(templates)},
             smoothing=smoothing,
             every=every,
         )
 
-    def with_engine(self, engine: str) -> RunInfo:
-        return dataclasses.replace(self, engine=engine)
+    def with_engine(self, engine: str, precision: str | None = None) -> RunInfo:
+        """The run with the engine file that opened and the precision it computes in (fp32, bf16, fp16, int8)."""
+        return dataclasses.replace(self, engine=engine, precision=precision or self.precision)
 
     def differences(self, earlier: RunInfo) -> list[str]:
         """What differs from the ``earlier`` run, one line each (the engine only when both are known)."""
         out = []
         for f in dataclasses.fields(self):
             now, was = getattr(self, f.name), getattr(earlier, f.name)
-            if f.name == "engine" and (now is None or was is None):
+            if f.name in ("engine", "precision") and (now is None or was is None):
                 continue
             if f.name == "prompts":
                 now, was = dict(now), dict(was)

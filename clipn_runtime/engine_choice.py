@@ -1,0 +1,190 @@
+"""Which engine of a bundle runs, on which backend, at which precision: a numeric path the parity gate checked.
+
+A *numeric path* is an engine file (its precision: fp32, fp16, int8) run by a backend (onnxruntime, or
+OpenVINO with an inference-precision hint, f32 or bf16). Two paths over the same file can compute different
+numbers: OpenVINO on a CPU with bf16 runs an fp32 file in bf16 unless told otherwise. ``clipn-export`` runs its
+parity gate on every path it can run on the export machine and records each one in the manifest
+(``parity.paths``, keyed by :attr:`NumericPath.key`); :func:`choose_path` only returns a path that passed there.
+
+Defaults, fastest first (the order is fixed, not timed: it holds on every CPU measured for the project, see
+docs/benchmarks.md):
+
+* a CPU (``auto`` with no GPU, ``openvino``): int8, then fp32, then fp16 files; for each file OpenVINO bf16
+  (where this CPU runs bf16), OpenVINO f32, then onnxruntime; ``cpu`` is onnxruntime only.
+* a GPU (``cuda``, ``tensorrt``, ``auto`` when onnxruntime has the CUDA provider): fp16, fp32, then int8 files on
+  onnxruntime (its dynamic int8 runs on the CPU provider only).
+
+The user's precision (``fp32``/``bf16``/``fp16``/``int8``; bf16 = the fp32 file on OpenVINO with the bf16 hint)
+narrows the candidates. When none of them passed the gate the choice is refused with the reason, unless
+``allow_unchecked``: then the first candidate runs and the choice says so (a warning, never silence).
+Bundles written before paths were recorded count their onnxruntime engines (``parity.engines``) as checked;
+bundles exported with no gate at all run on onnxruntime as before, with a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from clipn_runtime.bundle import BundleError, BundleFile, Manifest
+
+ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
+#: What ``--precision`` accepts: the engine files' precisions and bf16 (OpenVINO's hint on the fp32 file).
+RUNTIME_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_CPU_FILES = ("int8", "fp32", "fp16")
+NO_GATE = "the bundle was exported without clipn-export's parity gate"
+_GPU_FILES = ("fp16", "fp32", "int8")
+
+
+@dataclass(frozen=True)
+class NumericPath:
+    """An engine file's precision × backend × OpenVINO inference-precision hint (``None`` for onnxruntime)."""
+
+    precision: str
+    backend: str = ONNXRUNTIME
+    hint: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The manifest key: ``int8:onnxruntime``, ``fp32:openvino:bf16``."""
+        return ":".join(p for p in (self.precision, self.backend, self.hint) if p)
+
+    @property
+    def numeric(self) -> str:
+        """The precision the numbers have (the gate's threshold class): bf16 for the fp32 file run in bf16."""
+        return "bf16" if self.precision == "fp32" and self.hint == "bf16" else self.precision
+
+    @classmethod
+    def parse(cls, key: str) -> NumericPath:
+        parts = key.split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(f"not a numeric path key: {key!r}")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    def describe(self) -> str:
+        return f"{self.precision} engine on {self.backend}" + (f" ({self.hint})" if self.hint else "")
+
+
+def gate_records(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """The parity gate's record of every path it ran, by key (older bundles: their onnxruntime engines)."""
+    parity = manifest.parity or {}
+    paths = parity.get("paths")
+    if isinstance(paths, Mapping):
+        return {str(k): dict(v) for k, v in paths.items() if isinstance(v, Mapping)}
+    engines = parity.get("engines") or {}
+    return {NumericPath(str(p)).key: dict(v) for p, v in engines.items() if isinstance(v, Mapping)}
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """The chosen path and its manifest entry; ``unchecked`` says why the gate does not vouch for it."""
+
+    path: NumericPath
+    entry: BundleFile
+    unchecked: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+def candidate_paths(
+    files: Iterable[str], *, device: str, gpu: bool, openvino: bool, bf16: bool
+) -> list[NumericPath]:
+    """Every path for ``device`` over the bundle's engine files, fastest first (see the module's order)."""
+    have = set(files)
+    on_openvino = device == OPENVINO or device.startswith(OPENVINO + ":")
+    if device in ("cuda", "tensorrt") or (device == "auto" and gpu):
+        return [NumericPath(p) for p in _GPU_FILES if p in have]
+    out: list[NumericPath] = []
+    for p in _CPU_FILES:
+        if p not in have:
+            continue
+        if on_openvino or (device == "auto" and openvino):
+            # bf16 is offered where the device may run it; the gate's record decides whether it may.
+            hints = ["bf16", "f32"] if bf16 else ["f32"]
+            out += [NumericPath(p, OPENVINO, h) for h in hints]
+        if not on_openvino:
+            out.append(NumericPath(p))
+    return out
+
+
+def choose_path(
+    manifest: Manifest,
+    *,
+    device: str,
+    precision: str | None = None,
+    gpu: bool = False,
+    openvino: bool = False,
+    bf16: bool = False,
+    allow_unchecked: bool = False,
+) -> PathChoice:
+    """The fastest path for ``device`` (and ``precision``, if given) that passed the gate.
+
+    ``gpu``: onnxruntime can use a GPU; ``openvino``: OpenVINO is installed; ``bf16``: OpenVINO's CPU plugin runs
+    bf16 here. Raises :class:`BundleError` when the bundle has no engine for the request, or when no candidate
+    passed the gate and ``allow_unchecked`` is false.
+    """
+    if precision is not None and precision not in RUNTIME_PRECISIONS:
+        raise BundleError(f"unknown precision {precision!r}; choose one of {', '.join(RUNTIME_PRECISIONS)}")
+    by_precision = {str(e.precision or "fp32"): e for e in reversed(manifest.engines())}
+    if not by_precision:
+        raise BundleError("the bundle lists no image engine; re-export it with clipn-export")
+    if precision == "bf16" and not (device == "auto" or device.startswith(OPENVINO)):
+        raise BundleError(
+            f"--precision bf16 runs on OpenVINO only, not on --device {device}: use --device openvino"
+        )
+    if precision == "bf16" and not openvino:
+        raise BundleError(
+            "--precision bf16 runs on OpenVINO, which is not installed: pip install 'clipn-ood[openvino]'"
+        )
+    if manifest.is_open_vocabulary:
+        if device.startswith(OPENVINO):
+            raise BundleError(
+                "open-vocabulary bundles run on onnxruntime: OpenVINO folds their class-bank inputs into constants, "
+                "so a new class list would be ignored; use --device cpu or auto"
+            )
+        openvino = False
+    device_for_bf16 = OPENVINO if precision == "bf16" and device == "auto" else device
+    paths = candidate_paths(
+        by_precision, device=device_for_bf16, gpu=gpu, openvino=openvino, bf16=bf16 or precision == "bf16"
+    )
+    if precision is not None:
+        paths = [p for p in paths if p.numeric == precision]
+        if not paths:
+            have = ", ".join(by_precision)
+            raise BundleError(
+                f"the bundle has no engine that runs as {precision} on --device {device} (its engines: {have}); "
+                f"re-export with clipn-export --{'fp32' if precision == 'bf16' else precision} or pick one of those"
+            )
+    records = gate_records(manifest)
+    if not records:
+        # Exported with the gate switched off (--no-parity) or by a tool that records none: the exporter's user
+        # chose that; onnxruntime runs as it always did, with a warning. Other backends are not guessed at.
+        ort = [p for p in paths if p.backend == ONNXRUNTIME]
+        if ort:
+            return PathChoice(ort[0], by_precision[ort[0].precision], unchecked=NO_GATE)
+    skipped: list[str] = []
+    for path in paths:
+        rec = records.get(path.key)
+        if rec is not None and rec.get("passed") is True:
+            return PathChoice(path, by_precision[path.precision], skipped=skipped)
+        skipped.append(f"{path.describe()}: {_why_unchecked(rec)}")
+    if not paths:
+        raise BundleError(f"the bundle has no engine for --device {device}")
+    if allow_unchecked:
+        return PathChoice(paths[0], by_precision[paths[0].precision], unchecked=skipped[0], skipped=skipped)
+    raise BundleError(
+        f"no engine of this bundle passed clipn-export's parity gate for --device {device}"
+        + (f" --precision {precision}" if precision else "")
+        + f" ({'; '.join(skipped)}). Re-export it where that backend is installed, choose another --device or "
+        "--precision, or pass --allow-unchecked to run it anyway"
+    )
+
+
+def _why_unchecked(record: Mapping[str, Any] | None) -> str:
+    if record is None:
+        return "the export did not check it"
+    if record.get("passed") is False:
+        failures = record.get("failures") or []
+        return "it failed the gate" + (f" ({failures[0]})" if failures else "")
+    return str(record.get("skipped") or "the gate did not run on it")
