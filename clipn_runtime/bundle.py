@@ -41,8 +41,11 @@ ROLE_TENSORRT = "tensorrt_engine"
 ROLE_TEXT_ENCODER_YES = "text_encoder_yes"
 ROLE_TEXT_ENCODER_NO = "text_encoder_no"
 ROLE_TOKENIZER = "tokenizer"
+#: clipn-calibrate's thresholds (clipn_runtime.calibration), added to an exported bundle afterwards.
+ROLE_CALIBRATION = "calibration"
 KNOWN_ROLES = frozenset(
     {
+        ROLE_CALIBRATION,
         ROLE_IMAGE_ENGINE,
         ROLE_TEXT_BANK,
         ROLE_TENSORRT,

@@ -90,6 +90,8 @@ class DetectOptions:
     device: str
     precision: str | None
     allow_unchecked: bool
+    calibration: str | None
+    no_calibration: bool
     threads: int | None
     workers: int | None
     every: int
@@ -125,10 +127,22 @@ class DetectOptions:
 )
 @click.option(
     "--method",
-    type=click.Choice(["atd", "ctw"]),
+    type=click.Choice(["atd", "ctw", "msp", "mcm", "maxlogit", "energy"]),
     default="atd",
     show_default=True,
-    help="Which CLIPN rule decides `ood`: ATD (agent-to-decide) or CTW (competing-to-win).",
+    help="Which score decides `ood`: CLIPN's ATD (agent-to-decide) or CTW (competing-to-win), by their own "
+    "threshold-free rule or by the bundle's calibrated threshold (clipn-calibrate); the baselines msp, mcm, "
+    "maxlogit, energy need a calibration. Each record's `rule` says which decided.",
+)
+@click.option(
+    "--calibration",
+    metavar="FILE",
+    help="clipn-calibrate's sidecar file (for a read-only bundle). Default: the bundle's own calibration, if any.",
+)
+@click.option(
+    "--no-calibration",
+    is_flag=True,
+    help="Ignore the bundle's calibration: ATD/CTW decide by their threshold-free rule.",
 )
 @click.option(
     "-f",
@@ -230,12 +244,16 @@ def _run(o: DetectOptions) -> int:
         try:
             _score(o, detector, plan, tally, bar)
         except KeyboardInterrupt:
-            _finish(bar, plan.results, o.output, tally, t0, detector.engine.describe())
+            _finish(
+                bar, plan.results, o.output, tally, t0, f"{detector.engine.describe()}; {o.method} {detector.rule}"
+            )
             resumable = o.output and plan.results.fmt != "parquet"
             where = f"; rerun with --resume -o {o.output} to continue" if resumable else ""
             click.echo(f"clipn-detect: interrupted — every finished result is written{where}", err=True)
             return EXIT_INTERRUPTED
-        _finish(bar, plan.results, o.output, tally, t0, detector.engine.describe())
+        _finish(
+            bar, plan.results, o.output, tally, t0, f"{detector.engine.describe()}; {o.method} {detector.rule}"
+        )
     return EXIT_SOME_FAILED if tally.errors else EXIT_OK
 
 
@@ -301,6 +319,8 @@ def _open_detector(o: DetectOptions, plan: _Plan) -> Detector:
         threads=o.threads,
         precision=o.precision,
         allow_unchecked=o.allow_unchecked,
+        calibration=o.calibration,
+        use_calibration=not o.no_calibration,
         decode_workers=o.workers,
         max_pixels=o.max_pixels,
         verify_hashes=False,  # _plan's load_manifest just checked them

@@ -30,7 +30,22 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image
 
-from clipn_runtime.bundle import ROLE_TENSORRT, ROLE_TEXT_BANK, TOWERS, BundleError, Manifest, load_manifest
+from clipn_runtime.bundle import (
+    ROLE_TENSORRT,
+    ROLE_TEXT_BANK,
+    TOWERS,
+    BundleError,
+    BundleFile,
+    Manifest,
+    load_manifest,
+)
+from clipn_runtime.calibration import (
+    Calibration,
+    CalibrationError,
+    MeasuredOn,
+    bundle_calibration,
+    classes_digest,
+)
 from clipn_runtime.engine import (
     CUDA_EP,
     Engine,
@@ -42,6 +57,7 @@ from clipn_runtime.engine import (
     tensorrt_importable,
 )
 from clipn_runtime.engine_choice import ONNXRUNTIME, NumericPath, PathChoice, choose_path
+from clipn_runtime.errors import UserError
 from clipn_runtime.inputs import path_fields, printable
 from clipn_runtime.preprocess import ImageDecodeError, Preprocessor, open_image
 from clipn_runtime.prompts import PromptSet, load_prompts
@@ -71,6 +87,7 @@ RECORD_FIELDS: tuple[str, ...] = (
     "p_ood",
     "ood",
     "method",
+    "rule",
     "error",
 )
 VIDEO_FIELDS: tuple[str, ...] = ("frame", "time")
@@ -85,8 +102,9 @@ class Detection:
     """The result for one image or video frame.
 
     ``pred`` is the class name of ``pred_index``; ``prob`` its posterior; ``p_no`` the "no" probability of that
-    class; ``ctw``/``atd`` the two CLIPN ID-scores; ``p_ood = 1 − atd``; ``ood`` the threshold-free decision of
-    ``method``. When the input failed, ``error`` holds the message and every score is ``None``. ``scores`` holds
+    class; ``ctw``/``atd`` the two CLIPN ID-scores; ``p_ood = 1 − atd``; ``ood`` the decision of ``method`` by
+    ``rule``: ``calibrated@0.95`` (clipn-calibrate's threshold) or ``threshold-free`` (CTW's and ATD's own rule).
+    When the input failed, ``error`` holds the message and every score is ``None``. ``scores`` holds
     every scalar the engine emits (also ``msp``, ``mcm``, ``max_logit``, ``energy``).
     """
 
@@ -100,6 +118,7 @@ class Detection:
     p_ood: float | None
     ood: bool | None
     method: str
+    rule: str | None = None
     error: str | None = None
     frame: int | None = None
     time: float | None = None
@@ -113,7 +132,7 @@ class Detection:
 
     @classmethod
     def failed(cls, path: str | None, method: str, error: str, **kw: Any) -> Detection:
-        return cls(path, None, None, None, None, None, None, None, None, method, error, **kw)
+        return cls(path, None, None, None, None, None, None, None, None, method, None, error, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record: the documented fields, plus ``frame``/``time`` for video frames and the smoothing
@@ -174,9 +193,11 @@ class Detector:
         max_pixels: int | None = None,
         verify_hashes: bool = True,
         allow_unchecked: bool = False,
+        calibration: str | os.PathLike[str] | None = None,
+        use_calibration: bool = True,
     ) -> None:
-        if method not in DECISION_METHODS:
-            raise ValueError(f"method must be one of {', '.join(DECISION_METHODS)}, got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         try:
             check_device(device)
         except EngineError as e:
@@ -194,6 +215,20 @@ class Detector:
         self.allow_unchecked = allow_unchecked
         #: The numeric path that runs (None: the native TensorRT plan, which the manifest records separately).
         self.numeric_path: NumericPath | None = None
+        self.engine_entry: BundleFile
+        #: clipn-calibrate's thresholds: a sidecar ``calibration``, else the bundle's own (``use_calibration``);
+        #: loaded first, so that the engine choice can prefer the path they were measured on.
+        self.calibration: Calibration | None = None
+        self._calibration_source = ""
+        if use_calibration:
+            self._calibration_source = (
+                str(calibration) if calibration is not None else f"the calibration of {self.bundle_dir}"
+            )
+            self.calibration = (
+                Calibration.load(calibration)
+                if calibration is not None
+                else bundle_calibration(self.bundle_dir, self.manifest)
+            )
         self.engine: Engine = self._open_engine(device, threads, precision)
         self.batch_size = batch_size
         if self.engine.max_batch is not None and batch_size > self.engine.max_batch:
@@ -206,6 +241,7 @@ class Detector:
         self.banks: ClassBanks | None = None
         self._bank_builder: BankBuilder | None = None
         self._validate()
+        self._check_calibration()
         if self.manifest.parity.get("passed") is False:
             log.warning(
                 "%s failed clipn-export's parity gate (see 'parity' in its clipn.json): its scores may not match "
@@ -213,6 +249,51 @@ class Detector:
                 self.bundle_dir,
             )
         log.info("engine: %s%s", self.engine.describe(), "".join(f" — {n}" for n in self.engine.fallback_notes))
+
+    # -- decisions ------------------------------------------------------------------------------------------------
+    @property
+    def rule(self) -> str:
+        """How ``ood`` is decided: ``calibrated@<tpr>`` or ``threshold-free`` (CTW's / ATD's own rule)."""
+        if self.calibration is not None and self.method in self.calibration.thresholds:
+            return self.calibration.rule
+        return "threshold-free"
+
+    def measured_on(self) -> MeasuredOn:
+        """What computes this detector's scores (the identity a calibration is tied to)."""
+        entry = self.engine_entry
+        bank = self.manifest.file(ROLE_TEXT_BANK)
+        banks = self.banks.key if self.banks is not None else (bank.sha256 if bank is not None else "")
+        return MeasuredOn(
+            engine_file=entry.path,
+            engine_sha256=entry.sha256,
+            numeric_path=self.numeric_path.key if self.numeric_path is not None else "tensorrt-plan",
+            precision=self.numeric_precision,
+            classes_sha256=classes_digest(self.classes),
+            banks_sha256=banks,
+        )
+
+    def _check_calibration(self) -> None:
+        """A calibration must match this engine and class list; a baseline method needs one."""
+        if self.calibration is not None:
+            self.calibration.check(self.measured_on(), self._calibration_source)
+            if self.method not in self.calibration.thresholds:
+                raise CalibrationError(
+                    f"{self._calibration_source} has no threshold for {self.method} (it has "
+                    f"{', '.join(self.calibration.thresholds)}); run clipn-calibrate again"
+                )
+        elif self.method not in DECISION_METHODS:
+            raise CalibrationError(
+                f"--method {self.method} has no decision rule of its own: it needs a calibrated threshold. Run "
+                f"clipn-calibrate ID_IMAGES/ -e {self.bundle_dir} (held-out images of your classes) first, or use "
+                f"--method {' or '.join(DECISION_METHODS)}"
+            )
+
+    def _decide(self, row: dict[str, ScalarValue]) -> bool:
+        if self.calibration is not None:
+            return self.calibration.is_ood(self.method, float(row[METHODS[self.method][0]]))
+        decision = METHODS[self.method][1]
+        assert decision is not None  # _check_calibration refused a baseline without a calibration
+        return bool(row[decision])
 
     # -- setup ----------------------------------------------------------------------------------------------
     def _open_engine(
@@ -224,7 +305,7 @@ class Detector:
                 try:
                     spec = EngineSpec.from_bundle(self.bundle_dir, plan, built_for=self.manifest.tensorrt)
                     engine = open_engine(spec, device=device)
-                    self.numeric_path = None
+                    self.numeric_path, self.engine_entry = None, plan
                     return engine
                 except EngineError as e:
                     if device == "tensorrt":
@@ -255,6 +336,7 @@ class Detector:
             openvino=openvino,
             bf16=openvino and cpu_supports_bf16(),
             allow_unchecked=self.allow_unchecked,
+            prefer=self.calibration.measured_on.numeric_path if self.calibration is not None else None,
         )
         for why in choice.skipped:
             log.info("engine choice: skipped %s", why)
@@ -279,7 +361,7 @@ class Detector:
             # warns about each at load; that is the design here, not a problem to report.
             log_severity=3 if self.manifest.is_open_vocabulary else None,
         )
-        self.numeric_path = choice.path
+        self.numeric_path, self.engine_entry = choice.path, choice.entry
         return engine
 
     def _validate(self) -> None:
@@ -349,6 +431,7 @@ class Detector:
             baked = bundle_prompts(self.manifest) if ps is not None else None
             if ps is None or (baked is not None and (ps.yes, ps.no) == (baked.yes, baked.no)):
                 self.classes, self._extra_feeds, self.banks = names, {}, None
+                self._check_calibration()
                 return
         if self._bank_builder is None:
             from clipn_runtime.openvocab import BankBuilder
@@ -361,6 +444,7 @@ class Detector:
         spec = self._bank_builder.spec
         self._extra_feeds = {spec.bank_inputs["yes"]: banks.yes, spec.bank_inputs["no"]: banks.no}
         self.classes, self.banks = names, banks
+        self._check_calibration()
         if banks.from_cache:
             log.info("%d classes: class banks from the cache %s (no text encoding)", len(names), banks.cache)
         else:
@@ -446,9 +530,8 @@ class Detector:
         if good:
             arrays = [p.array for p in good if p.array is not None]
             out = self.run(self.preprocessor.batch(arrays))
-        decision = METHODS[self.method][1]
-        assert decision is not None
         results: list[Detection] = []
+        rule = self.rule
         j = 0
         for p in batch:
             if p.array is None:
@@ -475,8 +558,9 @@ class Detector:
                     ctw=float(row["ctw"]),
                     atd=float(row["atd"]),
                     p_ood=float(row["p_ood"]),
-                    ood=bool(row[decision]),
+                    ood=self._decide(row),
                     method=self.method,
+                    rule=rule,
                     scores=row,
                     **p.extra,
                 )
@@ -583,6 +667,11 @@ class Detector:
 
         if smoothing is not None and not 0.0 < smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        if smoothing is not None and self.method not in OOD_SCORE_FIELD:
+            raise UserError(
+                f"smoothing averages an OOD probability, which --method {self.method} does not have; smooth with "
+                "--method atd or ctw"
+            )
         path = os.fspath(source)
         bs = batch_size or self.batch_size
         decoded = (f for f in iter_frames(path, every=every) if f.index not in skip_frames)

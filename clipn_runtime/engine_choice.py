@@ -117,12 +117,14 @@ def choose_path(
     openvino: bool = False,
     bf16: bool = False,
     allow_unchecked: bool = False,
+    prefer: str | None = None,
 ) -> PathChoice:
     """The fastest path for ``device`` (and ``precision``, if given) that passed the gate.
 
     ``gpu``: onnxruntime can use a GPU; ``openvino``: OpenVINO is installed; ``bf16``: OpenVINO's CPU plugin runs
     bf16 here. Raises :class:`BundleError` when the bundle has no engine for the request, or when no candidate
-    passed the gate and ``allow_unchecked`` is false.
+    passed the gate and ``allow_unchecked`` is false. ``prefer``: a path key to take when it is a candidate that
+    passed (the path a calibration was measured on, whose thresholds hold there only).
     """
     if precision is not None and precision not in RUNTIME_PRECISIONS:
         raise BundleError(f"unknown precision {precision!r}; choose one of {', '.join(RUNTIME_PRECISIONS)}")
@@ -164,6 +166,9 @@ def choose_path(
         if ort:
             return PathChoice(ort[0], by_precision[ort[0].precision], unchecked=NO_GATE)
     skipped: list[str] = []
+    preferred = [p for p in paths if p.key == prefer and (records.get(p.key) or {}).get("passed") is True]
+    if preferred:
+        return PathChoice(preferred[0], by_precision[preferred[0].precision])
     for path in paths:
         rec = records.get(path.key)
         if rec is not None and rec.get("passed") is True:

@@ -21,6 +21,7 @@ from PIL import Image
 from clipn_demo.cli import main as demo_main
 from clipn_eval.cli import main as eval_main
 from clipn_export.cli import main as export_main
+from clipn_runtime.calibrate_cli import main as calibrate_main
 from clipn_runtime.cli import main as detect_main
 from clipn_train.cli import cli as train_cli
 
@@ -45,9 +46,10 @@ class Cli:
 
 
 CLIS = [
-    Cli("clipn-detect", detect_main, (), ("TMP/missing.jpg", "-o", "OUT"), "file", ("auto", "cpu", "cuda", "tensorrt"), "cuda:1"),
+    Cli("clipn-detect", detect_main, (), ("TMP/missing.jpg", "-o", "OUT"), "file", ("auto", "cpu", "cuda", "tensorrt", "openvino", "openvino:gpu"), "cuda:1"),
+    Cli("clipn-calibrate", calibrate_main, (), ("TMP/missing.jpg", "-e", "TMP", "-o", "OUT"), "file", ("auto", "cpu", "cuda", "tensorrt", "openvino"), "cuda:1"),
     Cli("clipn-export", export_main, (), ("-c", "TMP/missing.pt", "--classes", "imagenet", "-o", "OUT"), "dir", ("auto", "cpu", "cuda", "cuda:0"), "tensorrt"),
-    Cli("clipn-eval", eval_main, (), ("--id", "TMP", "--ood", "x=TMP", "-o", "OUT"), "dir", ("auto", "cpu", "cuda", "tensorrt"), "cuda:1"),
+    Cli("clipn-eval", eval_main, (), ("--id", "TMP", "--ood", "x=TMP", "-o", "OUT"), "dir", ("auto", "cpu", "cuda", "tensorrt", "openvino"), "cuda:1"),
     Cli("clipn-demo", demo_main, (), ("-o", "OUT"), "dir", ("auto", "cpu"), "cuda"),
     Cli("clipn-train train", train_cli, ("train",), ("--train-data", "TMP/missing.csv", "-o", "OUT"), "dir", ("auto", "cpu", "cuda", "cuda:0"), "tensorrt"),
     Cli("clipn-train cache-features", train_cli, ("cache-features",), ("--data", "TMP/missing.csv", "-o", "OUT"), "dir", ("auto", "cpu", "cuda", "cuda:0"), "tensorrt"),
@@ -194,6 +196,7 @@ def test_threads_quiet_verbose_are_accepted_everywhere(tmp_path: Path, tiny_conf
     """Each CLI takes --threads 1 -q -v and gets as far as its own input checks (the one user error)."""
     expected = {
         "clipn-detect": "pass --engine DIR",
+        "clipn-calibrate": "missing.jpg",
         "clipn-export": "no such file",
         "clipn-eval": "set CLIPN_ENGINE",
         "clipn-train train": "missing.csv",

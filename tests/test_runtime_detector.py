@@ -23,6 +23,7 @@ from clipn_runtime.bundle import (
     sha256_file,
 )
 from clipn_runtime.detector import RECORD_FIELDS, Detection, Detector
+from clipn_runtime.errors import UserError
 from clipn_runtime.vocab import ClassListMismatch, export_command
 
 FIELDS = ("prob", "p_no", "ctw", "atd", "p_ood")
@@ -87,7 +88,10 @@ def test_ctw_method(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
     dets = Detector(synthetic_bundle.root, method="ctw").detect(paths)
     _assert_matches(dets, _reference(synthetic_bundle, paths), synthetic_bundle.classes, method="ctw")
     assert {d.ood for d in dets} == {True, False}
-    with pytest.raises(ValueError, match="method must be one of atd, ctw"):
+    with pytest.raises(ValueError, match="method must be one of atd, ctw, msp"):
+        Detector(synthetic_bundle.root, method="maxlogits")
+    # A baseline has no rule of its own: it needs clipn-calibrate's threshold (tests/test_calibration.py).
+    with pytest.raises(UserError, match="needs a calibrated threshold. Run clipn-calibrate"):
         Detector(synthetic_bundle.root, method="msp")
 
 
