@@ -118,6 +118,13 @@ def _methods(value: str) -> list[str]:
 )
 @clikit.threads_option("the engine (onnxruntime or OpenVINO), or torch with --torch")
 @clikit.engine_choice_options
+@click.option(
+    "--calibration",
+    metavar="FILE",
+    help="clipn-calibrate's sidecar file; default: the bundle's own calibration, if any. With one, the report adds "
+    "each method's achieved TPR and FPR at the calibrated threshold.",
+)
+@click.option("--no-calibration", is_flag=True, help="Ignore the bundle's calibration.")
 @click.option("--no-plots", is_flag=True, help="Skip the ROC and histogram PNGs.")
 @click.option("--torch", "use_torch", is_flag=True, help="Reference path: the PyTorch model instead of an engine.")
 @click.option(
@@ -141,6 +148,8 @@ def main(
     threads: int | None,
     precision: str | None,
     allow_unchecked: bool,
+    calibration: str | None,
+    no_calibration: bool,
     no_plots: bool,
     use_torch: bool,
     checkpoint: Path | None,
@@ -178,6 +187,8 @@ def main(
                 precision=precision,
                 threads=threads,
                 allow_unchecked=allow_unchecked,
+                calibration=calibration,
+                use_calibration=not no_calibration,
             )
         report = evaluate(
             scorer,

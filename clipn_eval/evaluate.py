@@ -89,6 +89,8 @@ class EngineScorer:
 
         self.detector = Detector(bundle, **detector_kw)
         self.classes = list(self.detector.classes)
+        #: The bundle's (or a sidecar's) calibration, checked against this engine by the Detector.
+        self.calibration = self.detector.calibration
 
     def key(self) -> str:
         m, engine = self.detector.manifest, self.detector.engine
@@ -315,7 +317,9 @@ def evaluate(
             raise UserError(f"no image of the {s.name} set could be scored (first error: {s.errors[0].error})")
     acc = id_accuracy(id_set, scored_id)
     ood_scores = {k: v.scores for k, v in scored_ood.items()}
-    rows = metric_rows(scored_id.scores, ood_scores, methods)
+    calibration = getattr(scorer, "calibration", None)
+    thresholds = {m: t.threshold for m, t in calibration.thresholds.items()} if calibration is not None else None
+    rows = metric_rows(scored_id.scores, ood_scores, methods, thresholds)
     errors = [e.error_entry() for s in (scored_id, *scored_ood.values()) for e in s.errors]
     info = {
         **(meta or {}),
@@ -324,6 +328,9 @@ def evaluate(
         "id": printable(str(id_dir)),
         "ood": {n: printable(str(f)) for n, f in oods},
         "errors": errors,
+        "calibration": None
+        if calibration is None
+        else {"target_tpr": calibration.rule.split("@")[1], "n": calibration.n, **calibration.calibration_set},
     }
     write_report(out, rows, scored_id.scores, ood_scores, methods, id_accuracy=acc, meta=info, plots=plots)
     return Evaluation(out, rows, acc, scored_id.scores, ood_scores, errors)

@@ -214,3 +214,31 @@ def test_sidecar_calibration(synthetic_bundle_factory: SyntheticBundleFactory, t
     other = synthetic_bundle_factory(["a", "b"], seed=7)  # another engine: its thresholds do not hold
     with pytest.raises(CalibrationError, match="engine model.onnx"):
         Detector(other.root, method="mcm", calibration=side)
+
+
+def test_eval_reports_the_decision_at_the_calibrated_threshold(
+    calibrated: tuple[SyntheticBundle, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("sklearn", reason="clipn-eval needs the `eval` extra")
+    from clipn_eval.evaluate import EngineScorer, evaluate
+
+    sb, _ = calibrated
+    make_images(tmp_path / "id", 10, seed=11)
+    make_images(tmp_path / "ood", 10, seed=12)
+    ev = evaluate(
+        EngineScorer(sb.root),
+        tmp_path / "id",
+        [("o", tmp_path / "ood")],
+        ["atd", "energy"],
+        tmp_path / "report",
+        plots=False,
+        progress=False,
+    )
+    entry = load_manifest(sb.root).file("calibration")
+    assert entry is not None
+    t = Calibration.load(sb.root / entry.path).thresholds["energy"].threshold
+    row = next(r for r in ev.rows if r.method == "energy")
+    assert row.calibrated_tpr == pytest.approx(np.mean(-ev.id_scores["energy"] <= t))
+    assert row.calibrated_fpr == pytest.approx(np.mean(-ev.ood_scores["o"]["energy"] <= t))
+    doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert doc["meta"]["calibration"]["target_tpr"] == "0.95" and doc["best"]["method"] in ("atd", "energy")

@@ -61,11 +61,28 @@ def test_write_report_every_file(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc["id_accuracy"] == 0.5 and len(doc["rows"]) == 6 and doc["meta"]["engine"] == "b/"
     md = (tmp_path / "metrics.md").read_text()
-    assert "| CLIPN-ATD |" in md and "ID top-1 accuracy: 50.00 %" in md
+    assert "| CLIPN-ATD **(best)** |" in md and "| MSP |" in md and "ID top-1 accuracy: 50.00 %" in md
+    assert doc["best"]["method"] == "atd" and "highest AUROC" in doc["best"]["why"]
+
+
+def test_decisions_at_the_calibrated_threshold(tmp_path: Path) -> None:
+    """Achieved TPR and FPR at a calibrated threshold, counted by hand; the best method is the lowest FPR."""
+    id_s = {"atd": np.array([0.9, 0.8, 0.7, 0.2]), "msp": np.array([0.9, 0.8, 0.7, 0.6])}
+    ood = {"x": {"atd": np.array([0.1, 0.75, 0.3]), "msp": np.array([0.65, 0.75, 0.3])}}
+    # OOD when -score > t: t = -0.65 keeps scores ≥ 0.65.
+    rows = metric_rows(id_s, ood, ["atd", "msp"], {"atd": -0.65, "msp": -0.65})
+    by = {r.method: r for r in rows}
+    assert (by["atd"].calibrated_tpr, by["atd"].calibrated_fpr) == (0.75, pytest.approx(1 / 3))
+    assert (by["msp"].calibrated_tpr, by["msp"].calibrated_fpr) == (0.75, pytest.approx(2 / 3))
+    md = markdown_table(rows)
+    assert "ID kept (TPR)" in md and "| CLIPN-ATD **(best)** |" in md and "lowest FPR at the calibrated" in md
+    assert "| 75.00 | 33.33 |" in md
+    uncalibrated = metric_rows(id_s, ood, ["atd", "msp"])
+    assert all(r.calibrated_fpr is None for r in uncalibrated) and "ID kept" not in markdown_table(uncalibrated)
 
 
 def test_markdown_percentages() -> None:
     id_s = {"atd": np.array([3.0, 2.0])}
     ood = {"x": {"atd": np.array([1.0, 0.0])}}
     md = markdown_table(metric_rows(id_s, ood, ["atd"]))
-    assert "| CLIPN-ATD | 100.00 / 0.00 |" in md
+    assert "| CLIPN-ATD **(best)** | 100.00 / 0.00 |" in md
