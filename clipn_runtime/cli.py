@@ -328,7 +328,7 @@ def _open_detector(o: DetectOptions, plan: _Plan) -> Detector:
     try:
         detector.set_classes(plan.names, plan.prompt_set, source=o.classes or "classes", progress=not o.quiet)
         plan.results.open(
-            plan.run_info.with_engine(detector.engine_file, detector.numeric_precision),
+            plan.run_info.with_engine(detector.engine_file, detector.numeric_precision, detector.decision_id),
             bundle_dir=o.bundle,
             runner=detector.engine.describe(),
         )

@@ -16,6 +16,7 @@ flat memory. A bad input (unreadable, truncated, not an image, a decompression b
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -257,6 +258,14 @@ class Detector:
         if self.calibration is not None and self.method in self.calibration.thresholds:
             return self.calibration.rule
         return "threshold-free"
+
+    @property
+    def decision_id(self) -> str:
+        """The rule and, when calibrated, which calibration: what a resumed results file must share."""
+        if self.calibration is None:
+            return self.rule
+        digest = hashlib.sha256(self.calibration.to_json().encode()).hexdigest()[:12]
+        return f"{self.rule} {digest}"
 
     def measured_on(self) -> MeasuredOn:
         """What computes this detector's scores (the identity a calibration is tied to)."""

@@ -242,6 +242,9 @@ class RunInfo:
     every: int
     #: The engine file that runs (model.onnx, model.fp16.onnx, model.plan): known once it is open.
     engine: str | None = None
+    #: How ``ood`` is decided: ``threshold-free``, or ``calibrated@0.95 <sha256[:12] of the calibration>`` (a run
+    #: with other thresholds would mix decisions). Optional in the file: written by newer versions only.
+    decision: str | None = None
 
     @classmethod
     def create(
@@ -277,16 +280,17 @@ class RunInfo:
             every=every,
         )
 
-    def with_engine(self, engine: str, precision: str | None = None) -> RunInfo:
-        """The run with the engine file that opened and the precision it computes in (fp32, bf16, fp16, int8)."""
-        return dataclasses.replace(self, engine=engine, precision=precision or self.precision)
+    def with_engine(self, engine: str, precision: str | None = None, decision: str | None = None) -> RunInfo:
+        """The run with the engine file that opened, the precision it computes in (fp32, bf16, fp16, int8) and
+        its decision rule."""
+        return dataclasses.replace(self, engine=engine, precision=precision or self.precision, decision=decision)
 
     def differences(self, earlier: RunInfo) -> list[str]:
         """What differs from the ``earlier`` run, one line each (the engine only when both are known)."""
         out = []
         for f in dataclasses.fields(self):
             now, was = getattr(self, f.name), getattr(earlier, f.name)
-            if f.name in ("engine", "precision") and (now is None or was is None):
+            if f.name in ("engine", "precision", "decision") and (now is None or was is None):
                 continue
             if f.name == "prompts":
                 now, was = dict(now), dict(was)
@@ -320,10 +324,10 @@ class RunInfo:
             raise ValueError("not a clipn-detect provenance file")
         if doc.get("version") != RUN_VERSION:
             raise ValueError(f"version {doc.get('version')!r}; this clipn-detect reads version {RUN_VERSION}")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in doc]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in doc and f.name not in _OPTIONAL]
         if missing:
             raise ValueError(f"malformed (no {', '.join(map(repr, missing))})")
-        kw = {f.name: _checked(f.name, doc[f.name]) for f in dataclasses.fields(cls)}
+        kw = {f.name: _checked(f.name, doc[f.name]) for f in dataclasses.fields(cls) if f.name in doc}
         if not isinstance(doc.get("base_dir"), Mapping):
             raise ValueError("malformed ('base_dir' is not an object)")
         return cls(**kw), path_from_fields(doc["base_dir"])
@@ -341,7 +345,10 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
     "smoothing": ((float, int, _NONE), ()),
     "every": ((int,), ()),
     "engine": ((str, _NONE), ()),
+    "decision": ((str, _NONE), ()),
 }
+#: Fields a provenance file of an earlier version may lack.
+_OPTIONAL = frozenset({"decision"})
 
 
 def _checked(name: str, value: Any) -> Any:

@@ -242,3 +242,14 @@ def test_eval_reports_the_decision_at_the_calibrated_threshold(
     assert row.calibrated_fpr == pytest.approx(np.mean(-ev.ood_scores["o"]["energy"] <= t))
     doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert doc["meta"]["calibration"]["target_tpr"] == "0.95" and doc["best"]["method"] in ("atd", "energy")
+
+
+def test_resume_refuses_another_decision_rule(calibrated: tuple[SyntheticBundle, Path], tmp_path: Path) -> None:
+    sb, _ = calibrated
+    images = make_images(tmp_path / "imgs", 3, seed=9)
+    out = tmp_path / "r.jsonl"
+    args = [str(images[0].parent), "-e", str(sb.root), "-o", str(out)]
+    assert CliRunner().invoke(detect_main, [*args, "--no-calibration"]).exit_code == 0
+    r = CliRunner().invoke(detect_main, [*args, "--resume"])
+    assert r.exit_code == 2 and "decision: earlier threshold-free, now calibrated@0.95" in r.output
+    assert CliRunner().invoke(detect_main, [*args, "--resume", "--no-calibration"]).exit_code == 0
