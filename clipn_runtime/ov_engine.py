@@ -16,6 +16,7 @@ OpenVINO's other devices (Intel integrated GPUs, NPUs) are reached as ``--device
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,7 @@ def openvino_importable() -> bool:
         return False
 
 
+@functools.cache
 def cpu_supports_bf16() -> bool:
     """OpenVINO's CPU plugin runs bf16 here (AVX-512 BF16 or AMX); False without openvino."""
     if not openvino_importable():
