@@ -112,7 +112,7 @@ def test_baked_bank_is_reproduced_by_the_runtime(tiny_ov_bundle: Path) -> None:
 def test_detect_with_a_changed_class_list_equals_a_fresh_export(
     bundle: Path, tiny_bundle_factory: Any, images: list[Path]
 ) -> None:
-    det = Detector(bundle)
+    det = Detector(bundle, precision="fp32")
     det.set_classes(NEW, progress=False)
     assert det.classes == NEW and det.banks is not None and not det.banks.from_cache
     got = det.detect(images)
@@ -126,12 +126,12 @@ def test_detect_with_a_changed_class_list_equals_a_fresh_export(
 
 def test_default_banks_are_the_baked_ones(tiny_ov_bundle: Path, tiny_bundle: Path, images: list[Path]) -> None:
     # Same model and classes, banks as (defaulted) graph inputs vs baked into the graph.
-    _close(Detector(tiny_ov_bundle).detect(images), Detector(tiny_bundle).detect(images))
+    _close(Detector(tiny_ov_bundle, precision="fp32").detect(images), Detector(tiny_bundle).detect(images))
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_reduced_precision_engines_take_new_banks(bundle: Path, images: list[Path], precision: str) -> None:
-    ref = Detector(bundle)
+    ref = Detector(bundle, precision="fp32")
     ref.set_classes(NEW, progress=False)
     det = Detector(bundle, precision=precision)
     det.set_classes(NEW, progress=False)
