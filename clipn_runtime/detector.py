@@ -57,7 +57,7 @@ from clipn_runtime.engine import (
     open_engine,
     tensorrt_importable,
 )
-from clipn_runtime.engine_choice import ONNXRUNTIME, NumericPath, PathChoice, choose_path
+from clipn_runtime.engine_choice import ONNXRUNTIME, NumericPath, PathChoice, choose_path, cpu_has_int8_dot
 from clipn_runtime.errors import UserError
 from clipn_runtime.inputs import path_fields, printable
 from clipn_runtime.preprocess import ImageDecodeError, Preprocessor, open_image
@@ -346,6 +346,7 @@ class Detector:
             bf16=openvino and cpu_supports_bf16(),
             allow_unchecked=self.allow_unchecked,
             prefer=self.calibration.measured_on.numeric_path if self.calibration is not None else None,
+            int8_dot=cpu_has_int8_dot(),
         )
         for why in choice.skipped:
             log.info("engine choice: skipped %s", why)

@@ -10,7 +10,9 @@ Defaults, fastest first (the order is fixed, not timed: it holds on every CPU me
 docs/benchmarks.md):
 
 * a CPU (``auto`` with no GPU, ``openvino``): int8, then fp32, then fp16 files; for each file OpenVINO bf16
-  (where this CPU runs bf16), OpenVINO f32, then onnxruntime; ``cpu`` is onnxruntime only.
+  (where this CPU runs bf16), OpenVINO f32, then onnxruntime — except the int8 file on a CPU without VNNI or AMX
+  (AVX2 only), where onnxruntime comes first: OpenVINO's int8 kernels were the slowest engine there (AMD EPYC
+  Zen 1: 0.33–0.36 images/s for ViT-B-16 against 0.44–0.48 for onnxruntime's); ``cpu`` is onnxruntime only.
 * a GPU (``cuda``, ``tensorrt``, ``auto`` when onnxruntime has the CUDA provider): fp16, fp32, then int8 files on
   onnxruntime (its dynamic int8 runs on the CPU provider only).
 
@@ -87,8 +89,19 @@ class PathChoice:
     skipped: list[str] = field(default_factory=list)
 
 
+def cpu_has_int8_dot() -> bool:
+    """The CPU has an int8 dot-product unit (VNNI or AMX): where OpenVINO's int8 is the fast path. Reads Linux's
+    /proc/cpuinfo; elsewhere (or unreadable) False, which keeps onnxruntime first for int8."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def candidate_paths(
-    files: Iterable[str], *, device: str, gpu: bool, openvino: bool, bf16: bool
+    files: Iterable[str], *, device: str, gpu: bool, openvino: bool, bf16: bool, int8_dot: bool = True
 ) -> list[NumericPath]:
     """Every path for ``device`` over the bundle's engine files, fastest first (see the module's order)."""
     have = set(files)
@@ -99,12 +112,13 @@ def candidate_paths(
     for p in _CPU_FILES:
         if p not in have:
             continue
+        ov: list[NumericPath] = []
         if on_openvino or (device == "auto" and openvino):
             # bf16 is offered where the device may run it; the gate's record decides whether it may.
             hints = ["bf16", "f32"] if bf16 else ["f32"]
-            out += [NumericPath(p, OPENVINO, h) for h in hints]
-        if not on_openvino:
-            out.append(NumericPath(p))
+            ov = [NumericPath(p, OPENVINO, h) for h in hints]
+        ort = [] if on_openvino else [NumericPath(p)]
+        out += ort + ov if p == "int8" and not int8_dot else ov + ort
     return out
 
 
@@ -118,11 +132,12 @@ def choose_path(
     bf16: bool = False,
     allow_unchecked: bool = False,
     prefer: str | None = None,
+    int8_dot: bool = True,
 ) -> PathChoice:
     """The fastest path for ``device`` (and ``precision``, if given) that passed the gate.
 
     ``gpu``: onnxruntime can use a GPU; ``openvino``: OpenVINO is installed; ``bf16``: OpenVINO's CPU plugin runs
-    bf16 here. Raises :class:`BundleError` when the bundle has no engine for the request, or when no candidate
+    bf16 here; ``int8_dot``: the CPU has VNNI or AMX (:func:`cpu_has_int8_dot`). Raises :class:`BundleError` when the bundle has no engine for the request, or when no candidate
     passed the gate and ``allow_unchecked`` is false. ``prefer``: a path key to take when it is a candidate that
     passed (the path a calibration was measured on, whose thresholds hold there only).
     """
@@ -148,7 +163,12 @@ def choose_path(
         openvino = False
     device_for_bf16 = OPENVINO if precision == "bf16" and device == "auto" else device
     paths = candidate_paths(
-        by_precision, device=device_for_bf16, gpu=gpu, openvino=openvino, bf16=bf16 or precision == "bf16"
+        by_precision,
+        device=device_for_bf16,
+        gpu=gpu,
+        openvino=openvino,
+        bf16=bf16 or precision == "bf16",
+        int8_dot=int8_dot,
     )
     if precision is not None:
         paths = [p for p in paths if p.numeric == precision]
