@@ -9,8 +9,12 @@ photos', not like pure noise (which compresses badly and decodes slowly).
   folder in a thread pool of 1, 2 and 4 threads — images/s and source megapixels/s.
 * **end to end**: ``Detector.iter_detect`` (decode threads overlapped with the engine, in-process, after one
   warm-up batch) vs ``Detector.run`` on preprocessed batches of the same size (engine only), ViT-B-16 bundle,
-  fp32 and int8; and the ``clipn-detect`` command itself (a subprocess: start-up, bundle check, JSONL writing
-  included).
+  fp32 and int8.
+* **clipn-detect per backend**: the ``clipn-detect`` command itself over the same folder, once per backend —
+  onnxruntime int8 and fp32, OpenVINO int8 and fp32 (``--device openvino``), and both on the static int8 bundle
+  (``clipn-export --int8 --calibration``) where nncf is installed — each a process of its own: images/s of the
+  scoring (the command's own summary line: decoding, engine, writing) and including start-up (bundle check,
+  engine load or OpenVINO compile, imports).
 * **memory**: peak RSS (``VmHWM`` of the ``clipn-detect`` subprocess, read by the process itself at exit) over folders of 1,000
   and 10,000 images (hard links to the 640×480 images), with the *tiny* test model's bundle so 10k images take
   under a minute: decoding dominates and the point is that memory stays flat as the count grows.
@@ -26,6 +30,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,12 +47,14 @@ from harness import (
     Budget,
     Stats,
     add_common_args,
+    calibration_folder,
     default_cache_dir,
     get_bundle,
     interleaved,
     md_table,
     model_label,
     save,
+    static_int8_available,
 )
 
 from clipn_runtime.fileio import atomic_write
@@ -58,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": str(TINY_CONFIG),
         "sizes": ((320, 240), (640, 480)),
         "per_size": 4,
-        "precisions": ("fp32",),
+        "precisions": ("int8", "fp32"),
         "decode_threads": (1, 2),
         "rss_counts": (16, 48),
         "engine": Budget(1, 1, 1, 0.0),
@@ -83,6 +90,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 BATCH = 16  # clipn-detect's default
+#: clipn-detect per backend: (label, --device, --precision, bundle variant); each a process of its own.
+CLI_BACKENDS: tuple[tuple[str, str, str, str], ...] = (
+    ("onnxruntime int8", "cpu", "int8", "dynamic"),
+    ("onnxruntime fp32", "cpu", "fp32", "dynamic"),
+    ("OpenVINO int8", "openvino", "int8", "dynamic"),
+    ("OpenVINO f32", "openvino", "fp32", "dynamic"),
+    ("onnxruntime static int8", "cpu", "int8", "static"),
+    ("OpenVINO static int8", "openvino", "int8", "static"),
+)
+#: The scoring rate in clipn-detect's summary line (clipn_runtime.output.Tally.line): "... — 4.2 images/s [...]".
+_SUMMARY_SECONDS = re.compile(r" in [0-9.]+ s — ([0-9.]+) images/s \[(.*)\]")
 CLASSES = 10
 RSS_SIZE = (640, 480)
 JPEG_VERSION = "v1"  # bump when the generator changes
@@ -254,8 +272,17 @@ main()
 """
 
 
-def run_cli(bundle: Path, folder: Path, out: Path, threads: int, precision: str | None = None) -> dict[str, Any]:
-    """``clipn-detect FOLDER -e BUNDLE -o out.jsonl`` in a subprocess: wall time, peak RSS (VmHWM), records."""
+def run_cli(
+    bundle: Path,
+    folder: Path,
+    out: Path,
+    threads: int,
+    precision: str | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """``clipn-detect FOLDER -e BUNDLE -o out.jsonl`` in a subprocess: wall time, the scoring time of its summary
+    line, peak RSS (VmHWM), records. ``device``: ``--device`` (with ``--allow-unchecked``: benchmark bundles carry
+    no parity records)."""
     args = [
         str(folder),
         "-e",
@@ -268,7 +295,9 @@ def run_cli(bundle: Path, folder: Path, out: Path, threads: int, precision: str 
         "-b",
         str(BATCH),
         "-q",
-    ] + (["--precision", precision] if precision else [])
+    ]
+    args += ["--precision", precision] if precision else []
+    args += ["--device", device, "--allow-unchecked"] if device else []
     peak_file = out.with_suffix(".peak")
     peak_file.unlink(missing_ok=True)
     root = str(Path(__file__).resolve().parents[1])
@@ -285,16 +314,48 @@ def run_cli(bundle: Path, folder: Path, out: Path, threads: int, precision: str 
     lines = out.read_text(encoding="utf-8").splitlines()
     errors = sum(json.loads(line).get("error") is not None for line in lines)
     images = sum(1 for p in folder.iterdir() if p.suffix == ".jpg")
+    found = [m for line in proc.stderr.splitlines() if (m := _SUMMARY_SECONDS.search(line))]
+    # The rate, not the seconds: the line rounds seconds to 0.1, which is 0.0 for a tiny model's smoke run.
+    rate = float(found[-1].group(1)) if found else None
+    scoring = images / rate if rate else None
     return {
         "command": "clipn-detect " + " ".join(args),
         "images": images,
         "records": len(lines),
         "errors": errors,
         "wall_seconds": wall,
+        "scoring_seconds": scoring,
+        "engine": found[-1].group(2) if found else None,
+        "images_per_s": rate or None,
         "images_per_s_incl_startup": images / wall,
         "peak_rss_mb": int(peak_file.read_text()) / 1024,
         "summary": proc.stderr.strip().splitlines()[-2:],
     }
+
+
+def cli_backends(
+    bundles: dict[str, Path | None], folder: Path, out_dir: Path, threads: int
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """clipn-detect over ``folder`` once per backend of :data:`CLI_BACKENDS` (each a process of its own); the
+    runs, and the backends skipped with the reason."""
+    from clipn_runtime.ov_engine import openvino_importable
+
+    runs, skipped = [], []
+    for label, device, precision, variant in CLI_BACKENDS:
+        why = None
+        if device == "openvino" and not openvino_importable():
+            why = "openvino not installed (pip install 'clipn-ood[openvino]')"
+        elif bundles.get(variant) is None:
+            why = static_int8_available() or f"no {variant} bundle"
+        if why:
+            skipped.append({"backend": label, "reason": why})
+            continue
+        bundle = bundles[variant]
+        assert bundle is not None
+        r = run_cli(bundle, folder, out_dir / "backend.jsonl", threads, precision, device)
+        runs.append({"backend": label, "device": device, "precision": precision, "bundle": variant, **r})
+        print(f"clipn-detect {label}: {r['images_per_s']} images/s ({r['engine']})", flush=True)
+    return runs, skipped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,8 +380,15 @@ def main(argv: list[str] | None = None) -> None:
     print("e2e:", [(r["precision"], r["e2e_images_per_s"], r["engine_images_per_s"]) for r in e2e], flush=True)
     out_dir = cache / "detect-out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    cli = run_cli(bb.path, folder, out_dir / "mixed.jsonl", args.threads, ps["precisions"][0])
-    print("cli:", cli["images_per_s_incl_startup"], "img/s", cli["peak_rss_mb"], "MB", flush=True)
+    static = None
+    if static_int8_available() is None:
+        from clipn_runtime.bundle import load_manifest
+
+        size = load_manifest(bb.path, verify_hashes=False).preprocess.image_size
+        calib = calibration_folder(cache, size)
+        static = get_bundle(None, model, CLASSES, ("fp32", "int8"), cache, calibration=calib).path
+    backends, skipped = cli_backends({"dynamic": bb.path, "static": static}, folder, out_dir, args.threads)
+    cli = backends[0]
     rss_sources = [p for p in paths if p.parent.name == "{}x{}".format(*RSS_SIZE)]
     rss = []
     for n in ps["rss_counts"]:
@@ -347,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
         "decode": decode,
         "end_to_end": e2e,
         "cli": cli,
+        "cli_backends": backends,
+        "cli_skipped": skipped,
         "rss": {
             "model": model_label(str(TINY_CONFIG)),
             "bundle": str(tiny.path),
@@ -375,6 +445,22 @@ def main(argv: list[str] | None = None) -> None:
             for r in e2e
         ],
     )
+    t_cli = md_table(
+        ["clipn-detect", "images/s (scoring)", "images/s incl. start-up", "wall s", "peak RSS MB", "engine"],
+        [
+            [
+                r["backend"],
+                "—" if r["images_per_s"] is None else f"{r['images_per_s']:.2f}",
+                f"{r['images_per_s_incl_startup']:.2f}",
+                f"{r['wall_seconds']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                r["engine"] or "—",
+            ]
+            for r in backends
+        ]
+        + [[s["backend"], "—", "—", "—", "—", f"not run: {s['reason']}"] for s in skipped],
+        align="lrrrrl",
+    )
     t_rss = md_table(
         ["images", "peak RSS MB", "images/s (incl. start-up)", "records", "errors"],
         [
@@ -395,8 +481,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{t_dec}\n{t_size}\n"
         f"`Detector.iter_detect` (decode threads overlapped with the engine) vs `Detector.run` on preprocessed "
         f"batches of {BATCH} (engine only), onnxruntime with {args.threads} intra-op threads, same process:\n\n{t_e2e}\n"
-        f"The `clipn-detect` command on the same folder ({ps['precisions'][0]}): {cli['images_per_s_incl_startup']:.2f} "
-        f"images/s including start-up ({cli['wall_seconds']:.1f} s wall), peak RSS {cli['peak_rss_mb']:.0f} MB.\n\n"
+        f"`clipn-detect {len(paths)} JPEGs -e BUNDLE -b {BATCH} --threads {args.threads} --device D --precision P` per "
+        f"backend, each a process of its own, one after the other on the same folder. *Scoring* = images ÷ the "
+        f"seconds of the command's own summary line (decode, engine, writing; after the engine is loaded); *incl. "
+        f"start-up* = images ÷ the process's wall time (imports, bundle hashes, engine load or OpenVINO compile — "
+        f"OpenVINO's model cache makes a second start faster):\n\n{t_cli}\n"
         f"Peak RSS of `clipn-detect` (subprocess, its `VmHWM` at exit) with the tiny test model's bundle (32 px, so decoding "
         f"dominates) over folders of {RSS_SIZE[0]}×{RSS_SIZE[1]} JPEGs:\n\n{t_rss}\n"
         f"Ratio {rss[-1]['images']} vs {rss[0]['images']} images: **{rss_ratio:.2f}×** "

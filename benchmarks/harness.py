@@ -115,6 +115,11 @@ class Budget:
     target_s: float = 10.0
 
 
+def _reps(budget: Budget, per_round_s: float) -> int:
+    """Timed calls per candidate: as many rounds as fit ``target_s``, within [min_reps, max_reps]."""
+    return int(min(budget.max_reps, max(budget.min_reps, budget.target_s // (per_round_s or 1e-3))))
+
+
 def interleaved(fns: Mapping[str, Callable[[], object]], budget: Budget) -> dict[str, Stats]:
     """Time every candidate round-robin; returns their :class:`Stats` (warm-up calls excluded)."""
     warm = dict.fromkeys(fns, 0.0)
@@ -123,8 +128,7 @@ def interleaved(fns: Mapping[str, Callable[[], object]], budget: Budget) -> dict
             t0 = time.perf_counter()
             fn()
             warm[name] = time.perf_counter() - t0
-    per_round = sum(warm.values()) or 1e-3
-    reps = int(min(budget.max_reps, max(budget.min_reps, budget.target_s // per_round)))
+    reps = _reps(budget, sum(warm.values()))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
@@ -134,16 +138,47 @@ def interleaved(fns: Mapping[str, Callable[[], object]], budget: Budget) -> dict
     return {name: Stats.of(t) for name, t in times.items()}
 
 
-# ---- roofline ---------------------------------------------------------------------------------------------------
+def timed_calls(fn: Callable[[], object], budget: Budget) -> list[float]:
+    """Seconds of each timed call of one candidate (warm-up calls excluded): what a benchmark worker process
+    reports, so that the parent can pool the calls of several rounds before taking medians."""
+    warm = 0.0
+    for _ in range(budget.warmup):
+        t0 = time.perf_counter()
+        fn()
+        warm = time.perf_counter() - t0
+    out = []
+    for _ in range(_reps(budget, warm)):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
-def peak_gflops(threads: int, machine: Mapping[str, Any] | None = None) -> tuple[float, str]:
-    """The fp32 peak for ``threads`` cores under common.py's assumption (per core × min(threads, cores))."""
+# ---- the CPU's limits, the model's FLOP -----------------------------------------------------------------------
+
+
+#: The numeric classes the CPU limits cover (common.cpu_limits); GPU rows (fp16) have none.
+LIMIT_CLASSES = ("fp32", "bf16", "int8")
+
+
+def peak_gflops(
+    threads: int, machine: Mapping[str, Any] | None = None, numeric: str = "fp32"
+) -> tuple[float | None, str]:
+    """The ``numeric`` (fp32/bf16/int8) limit of the CPU for ``threads`` cores (per core × min(threads, cores))
+    from common.cpu_limits, and how it was derived; None where the CPU has no such arithmetic (bf16 without
+    AVX-512 BF16/AMX) or the class has no CPU limit."""
     m = machine or machine_info()
-    cores = max(1, int(m["cores"]))
+    lim = m["limits"]
+    cores = max(1, int(lim["cores"]))
     used = max(1, min(threads, cores))
-    per_core = float(m["peak_fp32_gflops"]) / cores
-    return per_core * used, f"{m['peak_assumption']}; per core {per_core:.1f} GFLOP/s × {used} threads used"
+    per_core = lim["per_core_gflops"].get(numeric) if numeric in LIMIT_CLASSES else None
+    if per_core is None:
+        return None, f"no {numeric} limit: {lim['how'].get(numeric, 'not a CPU numeric class')}"
+    how = (
+        f"{lim['how'][numeric]} × {lim['clock_mhz']:.0f} MHz ({lim['clock_source']}) = {per_core:.1f} per core "
+        f"× {used} threads used"
+    )
+    return float(per_core) * used, how
 
 
 def vit_gflop(model_cfg: Mapping[str, Any]) -> float | None:
@@ -217,11 +252,55 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
-def bundle_key(model: str, classes: int, precisions: Sequence[str], tensorrt: bool = False) -> str:
+def bundle_key(
+    model: str, classes: int, precisions: Sequence[str], tensorrt: bool = False, calibration: Path | None = None
+) -> str:
     spec = Path(model).read_text() if model.endswith(".json") else model
-    parts = sorted(precisions) + (["trt"] if tensorrt else [])
+    parts = sorted(precisions) + (["trt"] if tensorrt else []) + (["static"] if calibration is not None else [])
     h = hashlib.sha256(f"{spec}|{classes}|{parts}|{BENCH_TEMPLATE}|{_source_hash()}".encode())
+    if calibration is not None:
+        for f in sorted(calibration.iterdir()):
+            h.update(f.name.encode() + f.read_bytes())
+        with contextlib.suppress(md.PackageNotFoundError):
+            h.update(f"nncf={md.version('nncf')}".encode())
     return f"{model_label(model)}-c{classes}-{'-'.join(parts)}-{h.hexdigest()[:12]}"
+
+
+#: Static int8 calibrates on this many images: clipn-export's minimum (clipn_export.calibration's
+#: MIN_CALIBRATION_IMAGES). Their content only sets the quantisation ranges, not the cost of a forward pass.
+CALIBRATION_IMAGES = 16
+CALIBRATION_VERSION = "v1"  # bump when the generator changes
+
+
+def static_int8_available() -> str | None:
+    """None when a static int8 bundle can be exported here, else why not (recorded as the rows' skip reason)."""
+    import importlib.util
+
+    try:
+        from clipn_export.precision import to_int8_static  # noqa: F401  # the exporter's static path
+    except ImportError as e:
+        return f"this exporter has no static int8 path ({e})"
+    if importlib.util.find_spec("nncf") is None:
+        return "nncf not installed (pip install nncf): static int8 rows skipped"
+    return None
+
+
+def calibration_folder(cache_dir: Path, size: int, n: int = CALIBRATION_IMAGES) -> Path:
+    """``n`` generated PNGs (clipn_export.parity's deterministic crops, another seed than the timed batch) in
+    ``<cache>/calibration/``: what ``clipn-export --int8 --calibration DIR`` reads for the static int8 bundle."""
+    from PIL import Image
+
+    from clipn_export.parity import parity_images
+
+    folder = cache_dir / "calibration" / f"{CALIBRATION_VERSION}-{size}px-{n}"
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(parity_images(n, size, seed=1)):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    done.touch()
+    return folder
 
 
 @dataclass(frozen=True)
@@ -240,17 +319,19 @@ def get_bundle(
     cache_dir: Path,
     *,
     tensorrt: bool = False,
+    calibration: Path | None = None,
 ) -> BenchBundle:
     """The bundle of :func:`make_model` (``model``) for ``classes`` ImageNet classes with the engines
     ``precisions`` (fp32 always; ``tensorrt`` adds a native plan, needs TensorRT and a GPU), exported once and
-    cached. ``loaded``: the model if already built."""
+    cached. ``calibration``: a folder of images that makes the int8 engine static int8 (``clipn-export --int8
+    --calibration DIR``; see :func:`calibration_folder`). ``loaded``: the model if already built."""
     from clipn_export.exporter import export_bundle
     from clipn_export.parity import ParityOptions
     from clipn_runtime.bundle import MANIFEST_NAME
     from clipn_runtime.prompts import PromptSet
 
     extra = sorted(set(precisions) - {"fp32"})
-    path = cache_dir / "bundles" / bundle_key(model, classes, ["fp32", *extra], tensorrt)
+    path = cache_dir / "bundles" / bundle_key(model, classes, ["fp32", *extra], tensorrt, calibration)
     if (path / MANIFEST_NAME).is_file():
         return BenchBundle(path, ("fp32", *extra), None, True)
     # Bundles of older exporter code for the same model and engines are stale (and ~0.5 GB each for ViT-B-16).
@@ -267,6 +348,8 @@ def get_bundle(
         prompts=PromptSet("bench", (BENCH_TEMPLATE,)),
         fp16="fp16" in extra,
         int8="int8" in extra,
+        calibration=(str(calibration),) if calibration is not None else (),
+        calibration_size=CALIBRATION_IMAGES,
         tensorrt=tensorrt,
         # The gate's int8 rank test is meaningless on random weights; benchmarks check agreement themselves.
         parity=ParityOptions(enabled=False),

@@ -1,6 +1,6 @@
 """Run the benchmark suite: engine, fused head, end to end, training cache, text bank — then one summary.
 
-    python benchmarks/run.py --quick             # ≈ 6-8 min on 2 CPU cores; → benchmarks/results/README.md
+    python benchmarks/run.py --quick             # → benchmarks/results/README.md (engine: 8 engines × 2 rounds)
     python benchmarks/run.py --full              # more images and repetitions (≈ 20-30 min on 2 cores)
     python benchmarks/run.py --smoke --out /tmp/bench   # tiny models, one repetition: checks the suite (CI)
     python benchmarks/run.py --quick --only engine,head --max-load 1.5
@@ -82,25 +82,37 @@ def _engine_md(r: dict[str, Any]) -> str:
     backends = list(dict.fromkeys(x["backend"] for x in rows))
     cell = {(x["backend"], x["batch"]): x for x in rows}
     lines = [
-        f"**Image engine** ({r['model']} at {r['image_size']} px, {r['threads']['torch']} threads; "
-        "median latency · images/s · × PyTorch · fraction of the fp32 roofline)\n",
-        "| backend | " + " | ".join(f"batch {b}" for b in batches) + " |",
-        "|---|" + "---:|" * len(batches),
+        f"**Image engine** ({r['model']} at {r['image_size']} px, {r['threads']['torch']} threads, each engine in a "
+        f"process of its own; batch {batches[0]}: median / p90 latency; larger batches: images/s · × onnxruntime "
+        "fp32 · fraction of the CPU's limit for the row's numeric class)\n",
+        "| backend | limit | " + " | ".join(f"batch {b}" for b in batches) + " | default batch |",
+        "|---|---|" + "---:|" * len(batches) + "---:|",
     ]
     for be in backends:
         cells = []
-        for b in batches:
+        for i, b in enumerate(batches):
             x = cell.get((be, b))
             if x is None:
                 cells.append("—")
                 continue
-            roof = "" if x["roofline_fraction"] is None else f" · {100 * x['roofline_fraction']:.0f}%"
-            cells.append(
-                f"{x['median_ms']:.1f} ms · {x['images_per_s']:.1f}/s · {x['speedup_vs_pytorch']:.2f}×{roof}"
-            )
-        lines.append(f"| {be} | " + " | ".join(cells) + " |")
+            frac = "" if x["limit_fraction"] is None else f" · {100 * x['limit_fraction']:.0f}%"
+            if i == 0:
+                cells.append(f"{x['median_ms']:.1f} / {x['p90_ms']:.1f} ms{frac}")
+                continue
+            ref = "" if x["speedup_vs_ort_fp32"] is None else f" · {x['speedup_vs_ort_fp32']:.2f}×"
+            cells.append(f"{x['images_per_s']:.2f}/s{ref}{frac}")
+        numeric = next(x["numeric"] for x in rows if x["backend"] == be)
+        best = r.get("best_batch", {}).get(be, {}).get("recommended", "—")
+        lines.append(f"| {be} | {numeric} | " + " | ".join(cells) + f" | {best} |")
+    for s in r.get("skipped", []):
+        lines.append(f"| {s['backend']} | not run: {s['reason']} |" + " — |" * (len(batches) + 1))
+    lim = r["limits"]
+    peaks = ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} none" for k, v in r["limit_gflops"].items())
     notes = "".join(f"\n_{n}._" for n in r.get("notes", []))
-    return "\n".join(lines) + f"\n\nRoofline peak: {r['peak_assumption']}.{notes}\n"
+    return (
+        "\n".join(lines) + f"\n\nLimits ({lim['core']}, {lim['vector_bits']}-bit, {lim['clock_mhz']:.0f} MHz, "
+        f"{r['threads']['torch']} threads): {peaks} GFLOP/s.{notes}\n"
+    )
 
 
 def _head_md(r: dict[str, Any]) -> str:
@@ -124,7 +136,13 @@ def _detect_md(r: dict[str, Any]) -> str:
             f"{e['engine_images_per_s']:.1f} engine only ({e['e2e_over_engine']:.2f}×)"
             for e in r["end_to_end"]
         )
-        + f"; `clipn-detect` incl. start-up {r['cli']['images_per_s_incl_startup']:.1f} images/s.",
+        + ".",
+        "`clipn-detect` per backend (scoring images/s · incl. start-up): "
+        + "; ".join(
+            f"{c.get('backend', 'clipn-detect')} {c.get('images_per_s') or 0:.2f} · {c['images_per_s_incl_startup']:.2f}"
+            for c in r.get("cli_backends", [r["cli"]])
+        )
+        + ".",
         "Decode + preprocess: "
         + ", ".join(
             f"{x['threads']} thread{'s' * (x['threads'] > 1)} {x['images_per_s']:.0f}/s"
