@@ -72,8 +72,8 @@ def test_decisions_at_the_calibrated_threshold(tmp_path: Path) -> None:
     # OOD when -score > t: t = -0.65 keeps scores ≥ 0.65.
     rows = metric_rows(id_s, ood, ["atd", "msp"], {"atd": -0.65, "msp": -0.65})
     by = {r.method: r for r in rows}
-    assert (by["atd"].calibrated_tpr, by["atd"].calibrated_fpr) == (0.75, pytest.approx(1 / 3))
-    assert (by["msp"].calibrated_tpr, by["msp"].calibrated_fpr) == (0.75, pytest.approx(2 / 3))
+    assert by["atd"].calibrated_tpr == 0.75 and by["atd"].calibrated_fpr == pytest.approx(1 / 3)
+    assert by["msp"].calibrated_tpr == 0.75 and by["msp"].calibrated_fpr == pytest.approx(2 / 3)
     md = markdown_table(rows)
     assert "ID kept (TPR)" in md and "| CLIPN-ATD **(best)** |" in md and "lowest FPR at the calibrated" in md
     assert "| 75.00 | 33.33 |" in md
