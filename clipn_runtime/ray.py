@@ -49,6 +49,7 @@ _ARROW_TYPES = {
     "p_ood": "float64",
     "ood": "bool",
     "method": "string",
+    "rule": "string",
     "error": "string",
 }
 #: Columns looked at, in order, when ``image_column`` is not given: Ray's ``read_images`` and
