@@ -56,7 +56,7 @@ Examples:
 After the export, a parity gate runs a few generated images through the ONNX
 engines (onnxruntime) and through the PyTorch model + the reference scoring and
 prints a table of the differences. fp32 must match within --parity-atol with
-identical decisions; fp16/int8 must keep the ATD ranking (--parity-min-rank-*).
+identical decisions; fp16/bf16/int8 must keep the ATD ranking (--parity-min-rank-*).
 
 \b
 --int8 alone quantises dynamically (int8 weights, activations quantised per
@@ -213,6 +213,13 @@ the text-bank cache keeps finished banks); 1 unexpected error (also: the
     help="fp16 gate: min ATD rank correlation.",
 )
 @click.option(
+    "--parity-min-rank-bf16",
+    default=0.99,
+    show_default=True,
+    type=float,
+    help="bf16 gate (OpenVINO on CPUs with native bf16): min ATD rank correlation.",
+)
+@click.option(
     "--parity-min-rank-int8",
     default=0.95,
     show_default=True,
@@ -268,6 +275,7 @@ class _Request:
     parity_images: int
     parity_atol: float
     parity_min_rank_fp16: float
+    parity_min_rank_bf16: float
     parity_min_rank_int8: float
     no_parity: bool
     no_cache: bool
@@ -285,7 +293,11 @@ def _parse(params: dict[str, Any]) -> tuple[_Request, ExportOptions]:
         enabled=not r.no_parity,
         images=r.parity_images,
         atol=r.parity_atol,
-        min_rank_corr={"fp16": r.parity_min_rank_fp16, "int8": r.parity_min_rank_int8},
+        min_rank_corr={
+            "fp16": r.parity_min_rank_fp16,
+            "bf16": r.parity_min_rank_bf16,
+            "int8": r.parity_min_rank_int8,
+        },
     )
     fields = {k: v for k, v in params.items() if k not in own}
     return r, ExportOptions(**fields, parity=parity, progress=not r.quiet)

@@ -152,6 +152,7 @@ def test_the_cli_fills_one_export_options_with_the_library_defaults(tmp_path: Pa
     assert options == ExportOptions() and request.checkpoint == "c.pt"
     flags = ["--fp16", "--uint8-input", "--max-batch", "8", "--triton-name", "m", "--threads", "2", "-q"]
     parity = ["--parity-images", "4", "--parity-atol", "0.5", "--parity-min-rank-int8", "0.5", "--no-parity"]
+    parity += ["--parity-min-rank-bf16", "0.9"]
     _, options = _parse(main.make_context("clipn-export", [*required, *flags, *parity]).params)
     assert options == ExportOptions(
         fp16=True,
@@ -160,7 +161,9 @@ def test_the_cli_fills_one_export_options_with_the_library_defaults(tmp_path: Pa
         triton_name="m",
         threads=2,
         progress=False,
-        parity=ParityOptions(enabled=False, images=4, atol=0.5, min_rank_corr={"fp16": 0.99, "int8": 0.5}),
+        parity=ParityOptions(
+            enabled=False, images=4, atol=0.5, min_rank_corr={"fp16": 0.99, "bf16": 0.9, "int8": 0.5}
+        ),
     )
 
 
