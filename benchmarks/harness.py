@@ -266,7 +266,7 @@ def bundle_key(
     return f"{model_label(model)}-c{classes}-{'-'.join(parts)}-{h.hexdigest()[:12]}"
 
 
-#: Static int8 calibrates on this many images: clipn-export's minimum (clipn_export.calibration's
+#: Static int8 calibrates on this many images: clipn-export's minimum (clipn_export.int8_calibration's
 #: MIN_CALIBRATION_IMAGES). Their content only sets the quantisation ranges, not the cost of a forward pass.
 CALIBRATION_IMAGES = 16
 CALIBRATION_VERSION = "v1"  # bump when the generator changes

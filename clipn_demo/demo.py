@@ -34,10 +34,19 @@ from clipn_demo.world import (
 )
 from clipn_runtime.errors import UserError
 from clipn_runtime.fileio import atomic_write
+from clipn_runtime.scoring import METHODS as SCORING_METHODS
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("atd", "ctw", "msp", "mcm", "maxlogit", "energy")
+#: Every method, MCM with one prompt (the bundles carry its bank) included.
+METHODS: tuple[str, ...] = tuple(SCORING_METHODS)
+#: ID training images the int8 bundle is calibrated on (static int8; clipn-export --calibration): NNCF's default.
+CALIBRATION_IMAGES = 300
+#: The share of ID images the calibrated thresholds keep (clipn-calibrate --tpr).
+TARGET_TPR = "0.95"
+#: The held-out ID images the thresholds are calibrated on are drawn from this seed stream (+ the run's seed):
+#: the same world, other images than the eval ones.
+HOLDOUT_SEED = 20_000
 #: Marks a folder as a demo output, so a rerun may replace its stages but a stranger's folder is never touched.
 MARKER = "demo.json"
 STAMP = "stage.json"
@@ -135,6 +144,10 @@ class DemoResult:
     parity: dict[str, str] = field(default_factory=dict)
     #: per split, max − min of the control's ATD score over all eval images (0 up to float rounding)
     control_atd_spread: dict[str, float] = field(default_factory=dict)
+    #: per split, the held-out ID images the fp32 bundle's thresholds were calibrated on (clipn-calibrate)
+    calibration_images: dict[str, int] = field(default_factory=dict)
+    #: per split, the eval ID images the calibrated decisions were checked on
+    eval_id_images: dict[str, int] = field(default_factory=dict)
     eval_errors: int = 0
 
     def auroc(self, split: str, model: str, method: str) -> float:
@@ -236,6 +249,11 @@ class _Chain:
             ("clip", f"pretraining the tiny CLIP ({s.clip_steps} steps)", self.clip),
             ("clipn", "caching frozen features and training the no tower", self.clipn),
             ("export", f"exporting {2 * len(self.splits)} bundles", self.export),
+            (
+                "calibrate",
+                f"calibrating each split's thresholds at TPR {TARGET_TPR} on held-out ID images",
+                self.calibrate,
+            ),
             ("eval", "scoring held-out ID/OOD images", self.evaluate),
         ]
 
@@ -288,17 +306,31 @@ class _Chain:
             _stamp(self.train_dir, self.clipn_key)
 
     def export(self) -> None:
-        """4. Bundles: the trained CLIPN (fp32 + int8) and the step-0 control, one pair per split."""
+        """4. Bundles: the trained CLIPN (fp32 + static int8, calibrated on the split's ID training images) and
+        the step-0 control, one pair per split."""
         checkpoint = _last_checkpoint(self.train_dir)
         for sp in self.splits:
             key = {**self.clipn_key, "split": sp.name, "classes": list(sp.classes)}
+            calibration = _write_calibration(self.out / "data" / "calibration" / sp.name, self.data_dir, sp, key)
             for kind, ckpt, int8 in (("clipn", checkpoint, True), ("control", None, False)):
                 folder = self.out / "bundles" / sp.name / kind
-                parity = _export(folder, key, self.model_cfg, self.weights, ckpt, sp, int8)
+                parity = _export(
+                    folder, key, self.model_cfg, self.weights, ckpt, sp, int8, calibration if int8 else None
+                )
                 self.result.parity[f"{sp.name}/{kind}"] = parity
 
+    def calibrate(self) -> None:
+        """5. Thresholds for every method (clipn-calibrate's code) in each split's fp32 CLIPN bundle, from ID
+        images drawn apart from the eval images. Cheap (the tiny model scores them in seconds), so always redone:
+        the bundle may have been exported again."""
+        for sp in self.splits:
+            folder = self.out / "data" / "holdout" / sp.name
+            _write_holdout(folder, sp, self.seed, self.settings.eval_per_concept, self.progress)
+            n = _calibrate_bundle(self.out / "bundles" / sp.name / "clipn", folder, self.threads)
+            self.result.calibration_images[sp.name] = n
+
     def evaluate(self) -> None:
-        """5. Score every split with clipn-eval's library."""
+        """6. Score every split with clipn-eval's library."""
         for sp in self.splits:
             _evaluate_split(self.out, sp, self.result, self.threads, self.progress, self.echo)
 
@@ -333,6 +365,60 @@ def _write_eval_split(folder: Path, sp: Split, seed: int, n: int, progress: bool
     lines = [f"{concept}\t{cls}" for concept, cls in sp.id_concepts.items()]
     (folder / "class_map.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _stamp(folder, key)
+
+
+def _write_holdout(folder: Path, sp: Split, seed: int, n: int, progress: bool) -> None:
+    """``n`` ID images per ID concept, from another seed stream than the eval images: the user's held-out ID
+    images, exchangeable with (drawn like) the ID images the decisions are later checked on."""
+    key = {"seed": HOLDOUT_SEED + seed, "per_concept": n, "id": sorted(sp.id_concepts)}
+    if _stage_done(folder, key):
+        return
+    _fresh(folder)
+    write_image_folder(folder, HOLDOUT_SEED + seed, n, list(sp.id_concepts), progress=progress)
+    (folder / "labels.jsonl").unlink()
+    _stamp(folder, key)
+
+
+def _calibrate_bundle(bundle: Path, holdout: Path, threads: int) -> int:
+    """clipn-calibrate's library path on the fp32 engine; returns the number of images calibrated on."""
+    from clipn_runtime.calibration import calibrate_detector, parse_tpr, write_to_bundle
+    from clipn_runtime.detector import Detector
+
+    images = sorted(str(p) for p in holdout.rglob("*.png"))
+    with Detector(
+        bundle, device="cpu", precision="fp32", threads=threads, batch_size=64, use_calibration=False
+    ) as d:
+        calibration, errors = calibrate_detector(d, images, parse_tpr(TARGET_TPR))
+    if errors:
+        raise RuntimeError(f"{errors} held-out images of {holdout} could not be scored")
+    write_to_bundle(bundle, calibration)
+    return calibration.n
+
+
+def _write_calibration(folder: Path, data_dir: Path, sp: Split, key: dict[str, Any]) -> Path:
+    """The split's ID images from the last training shard (not the eval images): what a user calibrates the
+    int8 engine on — their own in-distribution images."""
+    import tarfile
+
+    key = {**key, "calibration_images": CALIBRATION_IMAGES}
+    if _stage_done(folder, key):
+        return folder
+    _fresh(folder)
+    shard = sorted(data_dir.glob("toy-*.tar"))[-1]
+    taken = 0
+    with tarfile.open(shard) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".json")):
+            labels = tar.extractfile(members[name])
+            image = tar.extractfile(members[name[: -len("json")] + "png"])
+            assert labels is not None and image is not None
+            if json.load(labels)["class_name"] in sp.id_concepts:
+                (folder / (name[: -len("json")] + "png")).write_bytes(image.read())
+                taken += 1
+                if taken == CALIBRATION_IMAGES:
+                    break
+    _stamp(folder, key)
+    return folder
 
 
 def _clip_zero_shot(clip_dir: Path, seed: int) -> dict[str, float]:
@@ -400,20 +486,38 @@ def _last_checkpoint(train_dir: Path) -> Path:
 
 
 def _export(
-    folder: Path, key: dict[str, Any], model_cfg: str, weights: str, checkpoint: Path | None, sp: Split, int8: bool
+    folder: Path,
+    key: dict[str, Any],
+    model_cfg: str,
+    weights: str,
+    checkpoint: Path | None,
+    sp: Split,
+    int8: bool,
+    calibration: Path | None = None,
 ) -> str:
     from clipn_export.exporter import ParityGateError, export_bundle
     from clipn_runtime.prompts import PromptSet
     from clipn_train.factory import create_clipn
 
-    key = {**key, "kind": folder.name, "int8": int8}
+    key = {**key, "kind": folder.name, "int8": int8, "mcm_bank": True}  # bundles before the bank: made again
+    if calibration is not None:  # static int8; a bundle made before calibration existed is made again
+        key["calibration"] = CALIBRATION_IMAGES
     if _stage_done(folder, key):  # the gate's verdict of that earlier export is in its manifest
         parity = json.loads((folder / "clipn.json").read_text(encoding="utf-8")).get("parity") or {}
         return "ok" if parity.get("passed", True) else "parity gate failed (see its clipn.json)"
     loaded = create_clipn(model_cfg, weights, checkpoint=checkpoint)
     prompts = PromptSet(f"toy-{sp.name}", sp.templates)
     try:
-        export_bundle(loaded, list(sp.classes), folder, prompts=prompts, int8=int8, overwrite=True, progress=False)
+        export_bundle(
+            loaded,
+            list(sp.classes),
+            folder,
+            prompts=prompts,
+            int8=int8,
+            calibration=(str(calibration),) if calibration is not None else (),
+            overwrite=True,
+            progress=False,
+        )
         parity = "ok"
     except ParityGateError as e:  # the bundle is written; the gate's verdict is reported in the summary
         parity = f"parity gate failed: {e}"
@@ -435,7 +539,12 @@ def _evaluate_split(
     runs = (("clipn", "clipn", "fp32"), ("clipn-int8", "clipn", "int8"), ("control", "control", "fp32"))
     for model_name, bundle, precision in runs:
         scorer = EngineScorer(
-            out / "bundles" / sp.name / bundle, device="cpu", threads=threads, precision=precision, batch_size=64
+            out / "bundles" / sp.name / bundle,
+            device="cpu",
+            threads=threads,
+            precision=precision,
+            batch_size=64,
+            use_calibration=model_name == "clipn",  # the thresholds belong to the fp32 engine they were set on
         )
         report = evaluate(
             scorer,
@@ -453,15 +562,25 @@ def _evaluate_split(
         echo(f"report written to {report.out_dir}/")
         result.eval_errors += int(bool(report.errors))
         result.rows += [
-            {"split": sp.name, "model": model_name, "method": r.method, "auroc": r.auroc, "fpr95": r.fpr95_interp}
+            {
+                "split": sp.name,
+                "model": model_name,
+                "method": r.method,
+                "auroc": r.auroc,
+                "fpr95": r.fpr95_interp,
+                "calibrated_tpr": r.calibrated_tpr,
+                "calibrated_fpr": r.calibrated_fpr,
+            }
             for r in report.rows
             if r.ood_set == "ood"
         ]
         if model_name == "control":
             atd = np.concatenate([report.id_scores["atd"], *(s["atd"] for s in report.ood_scores.values())])
             result.control_atd_spread[sp.name] = float(atd.max() - atd.min())
-        if model_name == "clipn" and report.id_accuracy is not None:
-            result.id_accuracy[sp.name] = report.id_accuracy
+        if model_name == "clipn":
+            result.eval_id_images[sp.name] = len(report.id_scores["atd"])
+            if report.id_accuracy is not None:
+                result.id_accuracy[sp.name] = report.id_accuracy
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -490,6 +609,35 @@ def summary_table(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
+def calibrated_table(result: DemoResult) -> str:
+    """Methods × splits at the calibrated thresholds (target TPR 0.95): the share of eval ID images kept and the
+    share of OOD images let through, in percent, with the floor the kept share may fall to by chance."""
+    from clipn_eval.report import METHOD_TITLES
+    from clipn_runtime.calibration import acceptance_floor, parse_tpr
+
+    splits = list(dict.fromkeys(r["split"] for r in result.rows))
+    by = {(r["split"], r["method"]): r for r in result.rows if r["model"] == "clipn"}
+    head = "| method | " + " | ".join(f"{s} ID kept / FPR↓" for s in splits) + " |"
+    lines = [head, "|---|" + "---:|" * len(splits)]
+    for m in METHODS:
+        cells = []
+        for s in splits:
+            r = by.get((s, m), {})
+            tpr, fpr = r.get("calibrated_tpr"), r.get("calibrated_fpr")
+            cells.append("–" if tpr is None or fpr is None else f"{100 * tpr:.1f} / {100 * fpr:.1f}")
+        lines.append(f"| {METHOD_TITLES.get(m, m)} | " + " | ".join(cells) + " |")
+    floors = []
+    for s in splits:
+        n, n_eval = result.calibration_images.get(s), result.eval_id_images.get(s)
+        floors.append(
+            f"{100 * acceptance_floor(n, n_eval, parse_tpr(TARGET_TPR)):.1f} (n {n}, m {n_eval})"
+            if n and n_eval
+            else "–"
+        )
+    lines.append("| ID kept ≥ (p 0.001) | " + " | ".join(floors) + " |")
+    return "\n".join(lines)
+
+
 def write_summary(result: DemoResult) -> Path:
     out = result.out_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -502,6 +650,9 @@ def write_summary(result: DemoResult) -> Path:
         "stage_seconds": result.stage_seconds,
         "parity": result.parity,
         "control_atd_spread": result.control_atd_spread,
+        "calibration_images": result.calibration_images,
+        "eval_id_images": result.eval_id_images,
+        "target_tpr": TARGET_TPR,
         "eval_errors": result.eval_errors,
     }
     atomic_write(out / "summary.json", json.dumps(record, indent=1) + "\n")
@@ -510,7 +661,9 @@ def write_summary(result: DemoResult) -> Path:
     text = (
         f"# clipn-demo ({result.settings.mode}, seed {result.seed})\n\n{summary_table(result)}\n\n"
         "AUROC and FPR at 95 % TPR in percent, ID = positive, held-out images. Splits:\n"
-        f"{splits}\n\nControl ATD score spread (max − min over all images): {json.dumps(spread)}\n\n"
+        f"{splits}\n\nAt the thresholds calibrated (clipn-calibrate, TPR {TARGET_TPR}) on n held-out ID "
+        "images, on the same eval images (m ID), in percent:\n\n"
+        f"{calibrated_table(result)}\n\nControl ATD score spread (max − min over all images): {json.dumps(spread)}\n\n"
         f"Stage times (s): {json.dumps(result.stage_seconds)}\n"
     )
     atomic_write(out / "summary.md", text)

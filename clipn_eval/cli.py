@@ -14,6 +14,7 @@ from clipn_runtime.clikit import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from clipn_runtime.clikit import EXIT_PARTIAL as EXIT_SOME_FAILED
 from clipn_runtime.errors import UserError
 from clipn_runtime.inputs import printable
+from clipn_runtime.scoring import METHODS
 
 if TYPE_CHECKING:
     from clipn_runtime.bundle import ModelIdentity
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("clipn_eval")
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "main"]
-ALL_METHODS = ("atd", "ctw", "msp", "mcm", "maxlogit", "energy")
 
 HELP = """Evaluate OOD detection: score an ID folder and OOD folders with a bundle (one pass gives
 every method), then AUROC and FPR@95%TPR per OOD set, their average, and ID accuracy.
@@ -66,11 +66,14 @@ def _parse_ood(values: tuple[str, ...]) -> list[tuple[str, Path]]:
     return out
 
 
-def _methods(value: str) -> list[str]:
+def _methods(value: str) -> list[str] | None:
+    """The methods asked for; None for "all" (every method the bundle can score)."""
+    if value.strip().lower() == "all":
+        return None
     methods = [m.strip().lower() for m in value.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise UserError(f"--methods: unknown {bad or value!r}; choose from {','.join(ALL_METHODS)}")
+        raise UserError(f"--methods: unknown {bad or value!r}; choose from all,{','.join(METHODS)}")
     return methods
 
 
@@ -91,7 +94,13 @@ def _methods(value: str) -> list[str]:
 )
 @click.option("--id", "id_dir", required=True, type=click.Path(path_type=Path), help="Folder of ID images.")
 @click.option("--ood", "ood", multiple=True, required=True, metavar="NAME=DIR", help="An OOD set (repeatable).")
-@click.option("--methods", default=",".join(ALL_METHODS), show_default=True, help="Comma-separated methods.")
+@click.option(
+    "--methods",
+    default="all",
+    show_default=True,
+    help=f"Comma-separated methods ({','.join(METHODS)}), or all: every method the bundle scores (mcm-single "
+    "needs MCM's one-prompt bank, which clipn-export bakes in by default).",
+)
 @click.option(
     "-o",
     "--output",

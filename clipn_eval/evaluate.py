@@ -23,7 +23,7 @@ from tqdm import tqdm
 from clipn_runtime.errors import InputFileError, UserError
 from clipn_runtime.inputs import expand_inputs, path_fields, path_from_fields, printable
 from clipn_runtime.prompts import DEFAULT_PROMPTS, PromptSet
-from clipn_runtime.scoring import METHODS
+from clipn_runtime.scoring import MCM_PROMPT, METHODS
 
 if TYPE_CHECKING:
     from clipn_eval.report import MetricRow
@@ -67,7 +67,8 @@ class Scorer(Protocol):
 
 
 def _method_scores(values: Mapping[str, Any]) -> dict[str, float]:
-    return {m: float(values[field_name]) for m, (field_name, _) in METHODS.items()}
+    """Every method's ID-score among ``values`` (the engine's scalar outputs: mcm-single only with its bank)."""
+    return {m: float(values[field_name]) for m, (field_name, _) in METHODS.items() if field_name in values}
 
 
 def _scored(path: str, pred_index: int, scores: dict[str, float]) -> ScoredImage:
@@ -91,6 +92,8 @@ class EngineScorer:
         self.classes = list(self.detector.classes)
         #: The bundle's (or a sidecar's) calibration, checked against this engine by the Detector.
         self.calibration = self.detector.calibration
+        #: The methods this engine scores.
+        self.methods = self.detector.methods
 
     def key(self) -> str:
         m, engine = self.detector.manifest, self.detector.engine
@@ -257,7 +260,8 @@ def score_set(
         bar.close()
     results = [replace(done[os.path.realpath(p)], path=p) for p in image_set.paths]
     ok = [r for r in results if r.error is None and r.scores is not None]
-    scores = {m: np.array([r.scores[m] for r in ok], dtype=np.float64) for m in METHODS}  # type: ignore[index]
+    names = [m for m in METHODS if all(r.scores is not None and m in r.scores for r in ok)]
+    scores = {m: np.array([r.scores[m] for r in ok], dtype=np.float64) for m in names}  # type: ignore[index]
     pred = np.array([r.pred_index for r in ok], dtype=np.int64)
     return SetScores(
         image_set.name, scores, pred, [r.path for r in ok], [r for r in results if r.error is not None], cached
@@ -291,7 +295,7 @@ def evaluate(
     scorer: Scorer,
     id_dir: Path,
     oods: Sequence[tuple[str, Path]],
-    methods: Sequence[str],
+    methods: Sequence[str] | None,
     out: Path,
     *,
     class_map: str | Path | None = None,
@@ -304,6 +308,15 @@ def evaluate(
     stderr). UserError when a folder has no images, or not one image of a set could be scored."""
     from clipn_eval.report import metric_rows, write_report
 
+    available = tuple(getattr(scorer, "methods", METHODS))
+    if methods is None:
+        methods = list(available)
+    missing = [m for m in methods if m not in available]
+    if missing:
+        raise UserError(
+            f"--methods {','.join(missing)}: this bundle cannot score it (mcm-single needs MCM's one-prompt bank: "
+            "export the bundle again with clipn-export); it scores " + ",".join(available)
+        )
     id_paths = collect_images(id_dir)
     ood_sets = [ImageSet(name, folder, collect_images(folder)) for name, folder in oods]
     mapping = class_map if class_map is None or class_map == SORTED_FOLDERS else read_class_map(class_map)
@@ -351,7 +364,7 @@ class TorchScorer:
         batch_size: int = 32,
         device: str = "cpu",
     ) -> None:
-        from clipn_export.textbank import build_text_bank
+        from clipn_export.textbank import build_single_bank, build_text_bank
         from clipn_train.factory import create_clipn
 
         if model is None:
@@ -362,13 +375,15 @@ class TorchScorer:
         self.loaded.model.eval()
         self.classes = list(classes)
         self.bank = build_text_bank(self.loaded, self.classes, prompts)
+        self.bank_single = build_single_bank(self.loaded, self.classes)
+        self.methods = tuple(METHODS)
         self.scale = float(scale) if scale is not None else self.loaded.model.scale
         self.batch_size = batch_size
         self.device = device
 
     def key(self) -> str:
         info = self.loaded.info
-        ident = {"ckpt": info.checkpoint_sha256, "bank": self.bank.key, "scale": self.scale}
+        ident = {"ckpt": info.checkpoint_sha256, "bank": self.bank.key, "scale": self.scale, "mcm": MCM_PROMPT}
         return "torch-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def _images(self, paths: Sequence[str]) -> Iterator[tuple[str, Any, str | None]]:
@@ -392,7 +407,7 @@ class TorchScorer:
             with torch.inference_mode():
                 x = torch.stack([t for _, t in batch]).to(self.device)
                 feats = self.loaded.model.encode_image(x, normalize=False).float().cpu().numpy()
-            s = score_features(feats, self.bank.yes, self.bank.no, self.scale)
+            s = score_features(feats, self.bank.yes, self.bank.no, self.scale, bank_single=self.bank_single)
             for i, (p, _) in enumerate(batch):
                 yield _scored(p, int(s.pred[i]), _method_scores(s.row(i)))
             batch.clear()

@@ -25,6 +25,7 @@ METHOD_TITLES = {
     "mcm": "MCM",
     "maxlogit": "MaxLogit",
     "energy": "Energy",
+    "mcm-single": "MCM (one prompt)",
 }
 
 ScoreTable = Mapping[str, npt.ArrayLike]  # method → ID-scores of one image set

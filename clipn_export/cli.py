@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from clipn_export.calibration import DEFAULT_CALIBRATION_SIZE, MIN_CALIBRATION_IMAGES
+from clipn_export.int8_calibration import DEFAULT_CALIBRATION_SIZE, MIN_CALIBRATION_IMAGES
 from clipn_export.options import ExportOptions
 from clipn_export.parity import ParityOptions
 from clipn_runtime import clikit
@@ -62,9 +62,12 @@ identical decisions; fp16/bf16/int8 must keep the ATD ranking (--parity-min-rank
 --int8 alone quantises dynamically (int8 weights, activations quantised per
 batch at run time). With --calibration DIR (a few hundred of your own ID
 images), it quantises statically (weights and activations int8, ranges measured
-on those images; convolutions and the scoring head stay float): faster on CPUs,
-in onnxruntime and OpenVINO alike. clipn.json records how and on what (method,
-NNCF version, image count and fingerprint).
+on those images; convolutions and the scoring head stay float): for CPUs with
+VNNI or AMX, whose int8 arithmetic is up to 4x their fp32. --parity-images of
+them are held out (when enough remain), and the parity gate checks every engine
+on those instead of on generated images. clipn.json records how and on what
+(method, NNCF version, image count and fingerprint). Check the result on your
+own ID and OOD images: clipn-eval --precision int8 vs --precision fp32.
 
 \b
 --open-vocabulary also writes the yes/no text encoders (ONNX) and the tokenizer
@@ -154,8 +157,8 @@ the text-bank cache keeps finished banks); 1 unexpected error (also: the
     help="With --int8: your own in-distribution images (a folder, searched with its subfolders; an @list.txt "
     "of paths; image files; repeatable), read and preprocessed as clipn-detect reads them. The int8 engine "
     "then quantises the encoder's MatMul/Gemm layers statically (NNCF, weights and activations int8, ranges "
-    f"measured on these images): faster than dynamic int8. At least {MIN_CALIBRATION_IMAGES} readable images; "
-    "unreadable ones are skipped and counted.",
+    f"measured on these images). At least {MIN_CALIBRATION_IMAGES} readable images; unreadable ones are skipped "
+    "and counted.",
 )
 @click.option(
     "--calibration-size",
@@ -178,6 +181,14 @@ the text-bank cache keeps finished banks); 1 unexpected error (also: the
 )
 @click.option("--full-outputs", is_flag=True, help="Add per-class outputs: logits, logits_no, probs, p_no_all.")
 @click.option("--embeddings", is_flag=True, help="Add the L2-normalised image feature as output 'embedding'.")
+@click.option(
+    "--mcm-bank/--no-mcm-bank",
+    default=True,
+    show_default=True,
+    help="Bake MCM's one-prompt bank ('a photo of a <class>.', plain CLIP text tower) into the engines: output "
+    "mcm_single, method mcm-single, MCM as its paper defines it (comparable with published MCM numbers; the "
+    "mcm method uses CLIPN's prompt ensemble). Costs one C×D bank. Not with --open-vocabulary.",
+)
 @click.option(
     "--scale",
     type=float,

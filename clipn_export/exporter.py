@@ -33,7 +33,7 @@ from clipn_export import precision as prec
 from clipn_export.head import EMBEDDING_OUTPUT, ScoringHead, normalize_uint8
 from clipn_export.options import ExportOptions
 from clipn_export.parity import ParityReport, parity_images, run_parity
-from clipn_export.textbank import TextBank, build_text_bank
+from clipn_export.textbank import TextBank, build_single_bank, build_text_bank
 from clipn_runtime.bundle import (
     MANIFEST_NAME,
     ROLE_IMAGE_ENGINE,
@@ -59,10 +59,10 @@ from clipn_runtime.engine_choice import ONNXRUNTIME, OPENVINO, NumericPath
 from clipn_runtime.errors import UserError
 from clipn_runtime.fileio import replace_dir
 from clipn_runtime.prompts import PromptSet, load_prompts
-from clipn_runtime.scoring import MCM_TEMPERATURE, MSP_SCALE, Scores, l2_normalize, score_features
+from clipn_runtime.scoring import MCM_PROMPT, MCM_TEMPERATURE, MSP_SCALE, Scores, l2_normalize, score_features
 
 if TYPE_CHECKING:
-    from clipn_export.calibration import CalibrationSet
+    from clipn_export.int8_calibration import CalibrationSet
     from clipn_train.factory import LoadedCLIPN, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _validate(classes: Sequence[str], o: ExportOptions) -> None:
     if o.max_batch < 1:
         raise UserError(f"--max-batch must be ≥ 1, got {o.max_batch}")
     if o.calibration:
-        from clipn_export.calibration import check_calibration_options, find_calibration_images, require_nncf
+        from clipn_export.int8_calibration import check_calibration_options, find_calibration_images, require_nncf
 
         check_calibration_options(o.calibration, o.calibration_size, o.int8)
         require_nncf()
@@ -150,7 +150,10 @@ def _options(options: ExportOptions | None, overrides: dict[str, Any]) -> Export
     unknown = sorted(set(overrides) - set(ExportOptions.__dataclass_fields__))
     if unknown:
         raise TypeError(f"export_bundle() got unknown options {unknown}; see clipn_export.options.ExportOptions")
-    return replace(o, **overrides)
+    o = replace(o, **overrides)
+    if isinstance(o.calibration, (str, os.PathLike)):  # one folder given as such, not as a sequence of them
+        o = replace(o, calibration=(os.fspath(o.calibration),))
+    return o
 
 
 @contextlib.contextmanager
@@ -173,10 +176,25 @@ class _Job:
     scale: float
     size: int
     seconds: dict[str, float]
+    #: MCM's one-prompt bank (C×D), baked into the engines as output ``mcm_single``; None without it.
+    bank_single: npt.NDArray[np.float32] | None = None
+
+
+def _single_bank(loaded: LoadedCLIPN, classes: Sequence[str], o: ExportOptions) -> npt.NDArray[np.float32] | None:
+    if not o.mcm_bank:
+        return None
+    if o.open_vocabulary:
+        log.info("MCM's one-prompt bank: not in open-vocabulary engines (their class banks are inputs)")
+        return None
+    return build_single_bank(loaded, list(classes), batch_size=o.text_batch_size)
 
 
 def _reference(
-    loaded: LoadedCLIPN, pixels: npt.NDArray[np.float32], bank: TextBank, scale: float
+    loaded: LoadedCLIPN,
+    pixels: npt.NDArray[np.float32],
+    bank: TextBank,
+    scale: float,
+    bank_single: npt.NDArray[np.float32] | None = None,
 ) -> tuple[Scores, npt.NDArray[np.float32]]:
     """PyTorch image tower (fp32) + the numpy reference scoring: what every engine must reproduce."""
     import torch
@@ -186,7 +204,15 @@ def _reference(
     # No TF32 convolutions on a GPU: the reference must be full fp32 (the gate's 1e-4 is tighter than TF32).
     with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         feats = model.encode_image(torch.from_numpy(pixels).to(device), normalize=False).float().cpu().numpy()
-    scores = score_features(feats, bank.yes, bank.no, scale, msp_scale=MSP_SCALE, mcm_temperature=MCM_TEMPERATURE)
+    scores = score_features(
+        feats,
+        bank.yes,
+        bank.no,
+        scale,
+        msp_scale=MSP_SCALE,
+        mcm_temperature=MCM_TEMPERATURE,
+        bank_single=bank_single,
+    )
     return scores, l2_normalize(feats).astype(np.float32)
 
 
@@ -225,8 +251,11 @@ def export_bundle(
         bank = build_text_bank(
             loaded, list(classes), ps, batch_size=o.text_batch_size, cache_dir=o.cache_dir, progress=o.progress
         )
+        bank_single = _single_bank(loaded, classes, o)
     scale = float(o.scale) if o.scale is not None else float(model.scale)
-    job = _Job(loaded, bank, ps, o, _staging_dir(out_dir), scale, int(loaded.info.image_size), seconds)
+    job = _Job(
+        loaded, bank, ps, o, _staging_dir(out_dir), scale, int(loaded.info.image_size), seconds, bank_single
+    )
     try:
         result = _assemble(job)
     except BaseException:
@@ -302,8 +331,9 @@ def _assemble(job: _Job) -> ExportResult:
     TensorRT plan, manifest (and the open-vocabulary check, which reads the staged bundle as the runtime will)."""
     o = job.options
     job.bank.save(job.staging / TEXT_BANK_FILE)
-    engines, extra_files = _write_engines(job)
-    report = _run_parity_gate(job, engines) if o.parity.enabled else None
+    calibration = _load_calibration(job) if o.int8 and o.calibration else None
+    engines, extra_files = _write_engines(job, calibration)
+    report = _run_parity_gate(job, engines, calibration) if o.parity.enabled else None
     files = [
         *engines,
         *extra_files,
@@ -320,6 +350,8 @@ def _assemble(job: _Job) -> ExportResult:
     if plan is not None:
         files.append(plan)
     manifest = _manifest(job, files, report, plan, ov_section)
+    if report is not None and calibration is not None:  # the gate ran on the user's images, not generated ones
+        manifest.parity["images_from"] = _gate_images_from(calibration)
     write_manifest(job.staging, manifest)
     if o.open_vocabulary and o.parity.enabled:
         from clipn_export.openvocab_export import check_open_vocabulary
@@ -347,7 +379,12 @@ def _export_parts(job: _Job) -> _Parts:
     o, info = job.options, job.loaded.info
     with _timed(job.seconds, "onnx_export"):
         head = ScoringHead(
-            job.bank.yes, job.bank.no, job.scale, full_outputs=o.full_outputs, embeddings=o.embeddings
+            job.bank.yes,
+            job.bank.no,
+            job.scale,
+            full_outputs=o.full_outputs,
+            embeddings=o.embeddings,
+            bank_single=job.bank_single,
         )
         head_graph = ox.export_head(head, bank_inputs=o.open_vocabulary)
         encoder = ox.export_encoder(
@@ -359,10 +396,11 @@ def _export_parts(job: _Job) -> _Parts:
     return _Parts(front, encoder, head, head_graph)
 
 
-def _write_engines(job: _Job) -> tuple[list[BundleFile], list[BundleFile]]:
+def _write_engines(
+    job: _Job, calibration: CalibrationSet | None = None
+) -> tuple[list[BundleFile], list[BundleFile]]:
     """One engine per requested precision; returns their entries and those of any external-data files."""
     parts = _export_parts(job)
-    calibration = _load_calibration(job) if job.options.int8 and job.options.calibration else None
     engines: list[BundleFile] = []
     extra_files: list[BundleFile] = []
     for p in job.options.precisions:
@@ -375,12 +413,14 @@ def _write_engines(job: _Job) -> tuple[list[BundleFile], list[BundleFile]]:
 
 
 def _load_calibration(job: _Job) -> CalibrationSet:
-    """The calibration images, decoded and cropped as the runtime will (the bundle's preprocessing)."""
-    from clipn_export.calibration import find_calibration_images, load_calibration
+    """The calibration images, decoded and cropped as the runtime will (the bundle's preprocessing), and the
+    images held out of them for the parity gate."""
+    from clipn_export.int8_calibration import find_calibration_images, load_calibration
 
     o = job.options
     with _timed(job.seconds, "calibration_images"):
-        found = find_calibration_images(o.calibration, o.calibration_size)
+        hold_out = o.parity.images if o.parity.enabled else 0
+        found = find_calibration_images(o.calibration, o.calibration_size, hold_out)
         calibration = load_calibration(found, _preprocess(job.loaded.info, job.size, uint8_input=False))
     log.info("int8: static, calibrated on %d of your images (%d found)", len(calibration), calibration.found)
     return calibration
@@ -442,12 +482,14 @@ def _engine_meta(
 # ---- parity gate, TensorRT plan -------------------------------------------------------------------------------
 
 
-def _run_parity_gate(job: _Job, engines: list[BundleFile]) -> ParityReport:
+def _run_parity_gate(
+    job: _Job, engines: list[BundleFile], calibration: CalibrationSet | None = None
+) -> ParityReport:
     o, info = job.options, job.loaded.info
     with _timed(job.seconds, "parity"):
-        images = parity_images(o.parity.images, job.size, o.parity.seed)
+        images = _gate_images(job, calibration)
         pixels = normalize_uint8(images, info.mean, info.std)
-        ref, ref_emb = _reference(job.loaded, pixels, job.bank, job.scale)
+        ref, ref_emb = _reference(job.loaded, pixels, job.bank, job.scale, job.bank_single)
 
         def runner(entry: BundleFile, path: NumericPath) -> Any:
             def run(x: Any) -> dict[str, Any]:
@@ -475,6 +517,30 @@ def _run_parity_gate(job: _Job, engines: list[BundleFile]) -> ParityReport:
         )
         report.skipped.update(skipped)
         return report
+
+
+def _gate_images(job: _Job, calibration: CalibrationSet | None) -> npt.NDArray[np.uint8]:
+    """The parity gate's crops: generated ones, or — for a calibrated int8 engine — the user's images held out
+    of the calibration. A static int8 engine saturates activations outside the ranges it was calibrated on, so
+    on generated gradients and stripes it cannot rank like PyTorch (toy world: ρ 0.85, where it ranks held-out
+    ID images at 0.9996 and the toy's OOD images at 0.9997; docs/export.md): the gate checks it, and every
+    other engine of the bundle, on the images it is meant for."""
+    o = job.options
+    if calibration is None:
+        return parity_images(o.parity.images, job.size, o.parity.seed)
+    if calibration.held_out:
+        return np.stack(calibration.held_out)
+    # Too few images to hold any out: the gate runs on calibration images (a weaker check, said in the log).
+    log.warning(
+        "parity: too few --calibration images to hold %d out; the gate checks calibration images", o.parity.images
+    )
+    return np.stack(calibration.crops[: o.parity.images])
+
+
+def _gate_images_from(calibration: CalibrationSet) -> str:
+    if calibration.held_out:
+        return f"{len(calibration.held_out)} --calibration images held out of the calibration"
+    return "--calibration images (too few to hold any out)"
 
 
 def gate_paths(
@@ -550,7 +616,12 @@ def _manifest(
         preprocess=_preprocess(info, job.size, job.options.uint8_input),
         classes=list(job.bank.classes),
         prompts=_prompts_record(job.prompts, info.variant),
-        scoring=Scoring(scale=job.scale, msp_scale=MSP_SCALE, mcm_temperature=MCM_TEMPERATURE),
+        scoring=Scoring(
+            scale=job.scale,
+            msp_scale=MSP_SCALE,
+            mcm_temperature=MCM_TEMPERATURE,
+            mcm_prompt=MCM_PROMPT if job.bank_single is not None else None,
+        ),
         files=files,
         versions=_versions(),
         parity=report.to_dict() if report is not None else {"passed": None, "skipped": True},

@@ -2,7 +2,8 @@
 
 It takes raw image features (N×D, any norm, any float dtype) and the two class banks (stored as buffers, so
 they become ONNX initialisers) and emits the outputs of :data:`clipn_runtime.scoring.SCALAR_OUTPUTS` (+
-:data:`~clipn_runtime.scoring.FULL_OUTPUTS`, + ``embedding``), in that order. Everything here runs in fp32
+``mcm_single`` with the one-prompt bank, + :data:`~clipn_runtime.scoring.FULL_OUTPUTS`, + ``embedding``), in
+that order. Everything here runs in fp32
 whatever the encoder's precision: at scale 100 an fp16 rounding of a cosine (≈5e-4) moves a logit by 0.05.
 
 The formulation mirrors scoring.py operation for operation — L2-normalise by ``max(‖x‖, tiny)``, logits
@@ -20,7 +21,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
-from clipn_runtime.scoring import FULL_OUTPUTS, MCM_TEMPERATURE, MSP_SCALE, SCALAR_OUTPUTS
+from clipn_runtime.scoring import BASELINE_OUTPUTS, FULL_OUTPUTS, MCM_TEMPERATURE, MSP_SCALE, SCALAR_OUTPUTS
 
 #: The extra output of ``--embeddings``: the L2-normalised image feature the scores were computed from.
 EMBEDDING_OUTPUT = "embedding"
@@ -28,9 +29,13 @@ EMBEDDING_OUTPUT = "embedding"
 _TINY = float(np.finfo(np.float32).tiny)
 
 
-def output_names(full_outputs: bool = False, embeddings: bool = False) -> tuple[str, ...]:
+def output_names(
+    full_outputs: bool = False, embeddings: bool = False, single_bank: bool = False
+) -> tuple[str, ...]:
     """The engine's output names, in graph order."""
     names = SCALAR_OUTPUTS
+    if single_bank:
+        names += BASELINE_OUTPUTS
     if full_outputs:
         names += FULL_OUTPUTS
     if embeddings:
@@ -61,6 +66,7 @@ class ScoringHead(nn.Module):
 
     bank: Tensor
     bank_no: Tensor
+    bank_single: Tensor | None
 
     def __init__(
         self,
@@ -72,6 +78,7 @@ class ScoringHead(nn.Module):
         mcm_temperature: float = MCM_TEMPERATURE,
         full_outputs: bool = False,
         embeddings: bool = False,
+        bank_single: npt.ArrayLike | Tensor | None = None,
     ) -> None:
         super().__init__()
         w = torch.as_tensor(np.asarray(bank, dtype=np.float32))
@@ -82,6 +89,13 @@ class ScoringHead(nn.Module):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
         self.register_buffer("bank", _l2_normalize(w))
         self.register_buffer("bank_no", _l2_normalize(w_no))
+        if bank_single is None:
+            self.bank_single = None
+        else:
+            w_1 = torch.as_tensor(np.asarray(bank_single, dtype=np.float32))
+            if w_1.shape != w.shape:
+                raise ValueError(f"bank_single must be C×D like bank {tuple(w.shape)}; got {tuple(w_1.shape)}")
+            self.register_buffer("bank_single", _l2_normalize(w_1))
         self.scale = float(scale)
         self.msp_scale = float(msp_scale)
         self.mcm_temperature = float(mcm_temperature)
@@ -98,7 +112,7 @@ class ScoringHead(nn.Module):
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return output_names(self.full_outputs, self.embeddings)
+        return output_names(self.full_outputs, self.embeddings, self.bank_single is not None)
 
     def forward(
         self, features: Tensor, bank: Tensor | None = None, bank_no: Tensor | None = None
@@ -107,6 +121,8 @@ class ScoringHead(nn.Module):
         given — the open-vocabulary engine takes them as graph inputs. Given banks are used as they are: their
         rows must be L2-normalised (the runtime's banks are). Normalising them here would cost every batch
         C×D work the stored banks never pay (benchmarks/bench_openvocab.py)."""
+        if bank is not None and self.bank_single is not None:
+            raise ValueError("a head with a stored one-prompt bank takes no class banks as inputs")
         w = self.bank if bank is None else bank.float()
         w_no = self.bank_no if bank_no is None else bank_no.float()
         f = _l2_normalize(features.float())
@@ -138,6 +154,8 @@ class ScoringHead(nn.Module):
             "energy": _logsumexp(logits),
         }
         out = [scalars[name] for name in SCALAR_OUTPUTS]
+        if self.bank_single is not None:  # MCM as its paper defines it: cosines to the one-prompt bank
+            out.append(torch.amax(_softmax((f @ self.bank_single.T) / self.mcm_temperature), dim=1))
         if self.full_outputs:
             out += [logits, logits_no, probs, p_no_all]
         if self.embeddings:

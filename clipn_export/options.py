@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipn_export.calibration import DEFAULT_CALIBRATION_SIZE
+from clipn_export.int8_calibration import DEFAULT_CALIBRATION_SIZE
 from clipn_export.parity import ParityOptions
 from clipn_runtime.prompts import DEFAULT_PROMPTS, PromptSet
 
@@ -25,10 +25,12 @@ class ExportOptions:
     Engines: the fp32 ``model.onnx`` always; ``fp16``/``int8`` add ``model.fp16.onnx``/``model.int8.onnx``
     (encoder converted, preprocessing and head fp32, ``int8_options`` the dynamic quantisation's knobs);
     ``calibration`` (image files, folders, ``@lists``) makes the int8 engine static int8, calibrated on at most
-    ``calibration_size`` of those images (:mod:`clipn_export.calibration`); ``uint8_input``
+    ``calibration_size`` of those images (:mod:`clipn_export.int8_calibration`); ``uint8_input``
     makes them take raw uint8 NHWC crops; ``full_outputs``/``embeddings`` add the per-class outputs and the image
     embedding. ``scale`` defaults to the checkpoint CLIP's ``exp(logit_scale)``. ``open_vocabulary`` adds the
     ONNX text encoders and ``tokenizer.json`` and makes the engines take the class banks as inputs.
+    ``mcm_bank`` bakes MCM's one-prompt bank into the engines (output ``mcm_single``: MCM as its paper defines
+    it); open-vocabulary engines, whose banks are inputs, go without it.
 
     ``tensorrt`` adds ``model.plan`` (``max_batch``/``opt_batch`` its profile, ``timing_cache`` read and
     updated); ``triton_repo`` adds a Triton model ``triton_name`` there. ``parity`` is the gate;
@@ -46,6 +48,7 @@ class ExportOptions:
     full_outputs: bool = False
     embeddings: bool = False
     open_vocabulary: bool = False
+    mcm_bank: bool = True
     scale: float | None = None
     max_batch: int = 32
     opt_batch: int | None = None

@@ -11,8 +11,8 @@ every logit by ~0.05.
 * int8 with a calibration set (:func:`to_int8_static`): NNCF post-training static quantisation (transformer
   preset) of the MatMul/Gemm layers only — weights and activations int8 with ranges measured on the user's ID
   images — written as a QDQ graph (QuantizeLinear/DequantizeLinear pairs), which onnxruntime, OpenVINO and
-  TensorRT all run as int8. The convolutions stay float: quantising them too cost the toy world 1.2–6.4 ATD
-  AUROC points where MatMul-only cost 0.04 (docs/export.md).
+  TensorRT all run as int8. The convolutions stay float, and the recipe departs from NNCF's defaults where the
+  toy world or the ViT-B-16 timing said so (:class:`StaticInt8Options`; docs/export.md has the numbers).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 if TYPE_CHECKING:
-    from clipn_export.calibration import CalibrationSet
+    from clipn_export.int8_calibration import CalibrationSet
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +158,28 @@ class _DropQuantizerChatter(logging.Filter):
 class StaticInt8Options:
     """NNCF post-training quantisation knobs (``nncf.quantize``, ONNX backend)."""
 
-    #: NNCF's transformer patterns (no quantiser after LayerNorm/Softmax, SmoothQuant on the MatMuls); its
-    #: preset is then "mixed": symmetric weights, asymmetric activations.
+    #: NNCF's transformer patterns; its preset is then "mixed": symmetric weights, asymmetric activations.
     model_type: str = "transformer"
     #: ONNX op types kept in float: with the transformer patterns, every MatMul/Gemm is then quantised and
     #: nothing else (the ViT patch embedding and a ResNet tower's convolutions stay float).
     ignored_types: tuple[str, ...] = ("Conv", "ConvTranspose")
+    #: How an activation's range is taken from the calibration images: "minmax" (the extremes over all of
+    #: them) or "mean_minmax" (NNCF's default: the mean over images of each image's min and max, which clips
+    #: every image's extremes; it cost the toy world's colour split 1.2 ATD AUROC points, "minmax" 0.02).
+    activations_range: str = "minmax"
+    #: SmoothQuant's alpha on the MatMuls (NNCF's transformer default 0.95); negative: off. Off: its scales,
+    #: fitted to the ID calibration images, moved the toy world's OOD scores (max |Δ ATD| vs fp32 0.26 on OOD
+    #: images, 0.008 without it) — what an OOD detector must not do.
+    smooth_quant_alpha: float = -1.0
+    #: NNCF's fast bias correction after quantising.
+    bias_correction: bool = True
+    #: Asymmetric activation quantisers as uint8 (:func:`uint8_activations`; exact, for x86 kernels).
+    uint8_activations: bool = True
+    #: NNCF's overflow fix: "enable" quantises every MatMul weight to 7 bits (a half of the int8 range), as
+    #: the dynamic int8 does (``Int8Options.reduce_range``): a bundle runs on CPUs it was not exported on, and
+    #: without VNNI the u8×s8 kernels add pairs of products in saturating 16 bits. "first_layer" (NNCF's
+    #: default) would touch only the first convolution, which stays float here; "disable": 8-bit weights.
+    overflow_fix: str = "enable"
 
 
 #: ``quantization.method`` in the engine's manifest meta, per int8 kind.
@@ -203,9 +219,13 @@ def to_int8_static(
                 model_type=nncf.ModelType(opts.model_type),
                 ignored_scope=nncf.IgnoredScope(types=ignored),
                 subset_size=len(calibration),
+                advanced_parameters=_advanced(opts),
             )
     finally:
         nncf_logger.setLevel(level)
+    if opts.uint8_activations:
+        uint8_activations(quantized)
+    drop_zero_weight_zero_points(quantized)
     record = {
         "method": METHOD_STATIC,
         "format": "QDQ (QuantizeLinear/DequantizeLinear, int8 weights and activations)",
@@ -213,11 +233,103 @@ def to_int8_static(
         "model_type": opts.model_type,
         "preset": "mixed (NNCF's default for transformers: symmetric weights, asymmetric activations)",
         "ignored_scope": {"types": list(opts.ignored_types)},
+        "activations_range": opts.activations_range,
+        "smooth_quant_alpha": opts.smooth_quant_alpha,
+        "bias_correction": opts.bias_correction,
+        "uint8_activations": opts.uint8_activations,
+        "overflow_fix": opts.overflow_fix,
         "quantized_ops": quantized_ops(quantized),
         "subset_size": len(calibration),
         "calibration": calibration.record(),
     }
     return quantized, record
+
+
+def uint8_activations(model: onnx.ModelProto, *, symmetric: bool = False) -> int:
+    """Re-type the int8 activation quantisers with a nonzero zero point (asymmetric; all of them with
+    ``symmetric``) as uint8, in place; returns how many.
+
+    Exact: ``q_u8 = q_i8 + 128`` with ``zp_u8 = zp_i8 + 128`` dequantises to the same values. NNCF's ONNX
+    backend writes every activation that can be negative as int8; x86 int8 kernels without VNNI multiply
+    u8 activations by s8 weights (``vpmaddubsw``), and OpenVINO's CPU plugin ran the int8 ones more slowly
+    (docs/export.md has the measurement).
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    types = {v.name: v for v in model.graph.value_info}
+    done = 0
+    for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
+        zp_name = q.input[2]
+        zp = inits.get(zp_name)
+        dqs = readers.get(q.output[0], [])
+        if zp is None or zp.data_type != onnx.TensorProto.INT8 or not dqs:
+            continue
+        if any(d.op_type != "DequantizeLinear" or len(d.input) != 3 or d.input[2] != zp_name for d in dqs):
+            continue  # not the plain Q → DQ pair sharing one zero point that NNCF writes
+        if users[zp_name] != 1 + len(dqs):
+            continue  # the zero point is shared with other quantisers
+        value = numpy_helper.to_array(zp).astype(np.int16)
+        if not symmetric and not value.any():
+            continue
+        zp.CopyFrom(numpy_helper.from_array((value + 128).astype(np.uint8), zp_name))
+        if q.output[0] in types:
+            types[q.output[0]].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+        done += 1
+    return done
+
+
+def drop_zero_weight_zero_points(model: onnx.ModelProto) -> int:
+    """Remove the all-zero zero points of the weights' DequantizeLinear nodes, in place; returns how many.
+
+    Exact (a DequantizeLinear without a zero point uses 0, in the type of its input), and NNCF's symmetric
+    weights always have zero ones. OpenVINO's CPU plugin treats an explicit zero point as asymmetric weights:
+    with them the ViT-B-16 encoder's layers took 1.32× the time of the same engine as an OpenVINO IR, without
+    them 0.99× (docs/export.md)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits or len(n.input) != 3:
+            continue
+        zp = inits.get(n.input[2])
+        if zp is not None and not numpy_helper.to_array(zp).any():
+            del n.input[2]
+            done += 1
+    used = {i for n in model.graph.node for i in n.input} | {
+        v.name for v in (*model.graph.input, *model.graph.output)
+    }
+    keep = [t for t in model.graph.initializer if t.name in used]  # the zero points no node reads any more
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return done
+
+
+def _advanced(opts: StaticInt8Options) -> Any:
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+        OverflowFix,
+    )
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    ranges = {"mean_minmax": RangeEstimatorParametersSet.MEAN_MINMAX, "minmax": RangeEstimatorParametersSet.MINMAX}
+    return AdvancedQuantizationParameters(
+        overflow_fix=OverflowFix(opts.overflow_fix),
+        activations_range_estimator_params=ranges[opts.activations_range],
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=opts.smooth_quant_alpha),
+        disable_bias_correction=not opts.bias_correction,
+    )
 
 
 def _nncf_version() -> str | None:
@@ -229,13 +341,31 @@ def _nncf_version() -> str | None:
         return None
 
 
+#: Ops that only move or reshape data: a dequantised tensor passes through them to the op that computes on it.
+_MOVES = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Gather", "Slice"})
+
+
 def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
-    """Op type → how many nodes of that type read a DequantizeLinear output (run in int8 by the backends)."""
-    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    counts: dict[str, int] = {}
+    """Op type → how many nodes of that type compute on dequantised tensors (run in int8 by the backends):
+    the readers of DequantizeLinear outputs, looking through data moves, not counting ``Shape``."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
-        if any(i in dq for i in n.input):
-            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    todo = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    seen: set[str] = set()
+    compute: dict[str, onnx.NodeProto] = {}
+    while todo:
+        tensor = todo.pop()
+        for n in readers.get(tensor, []):
+            if n.op_type in _MOVES and n.output[0] not in seen:
+                seen.add(n.output[0])
+                todo.append(n.output[0])
+            elif n.op_type not in _MOVES and n.op_type != "Shape":
+                compute[n.name or n.output[0]] = n
+    counts: dict[str, int] = {}
+    for n in compute.values():
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return dict(sorted(counts.items()))
 
 

@@ -43,6 +43,7 @@ from clipn_runtime.errors import UserError
 from clipn_runtime.fileio import atomic_writer
 from clipn_runtime.openvocab import ensemble, fill, plan_prompts
 from clipn_runtime.prompts import DEFAULT_PROMPTS, PromptSet, load_prompts
+from clipn_runtime.scoring import MCM_PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,22 @@ def build_text_bank(
         _atomic_savez(cache_file, yes=bank.yes, no=bank.no, classes=np.array(bank.classes, dtype=np.str_))
         log.info("text bank: cached %s", cache_file)
     return bank
+
+
+def build_single_bank(
+    loaded: Any,
+    classes: Sequence[str],
+    template: str = MCM_PROMPT,
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> FloatArray:
+    """One prompt per class through the yes (plain CLIP) tower, L2-normalised: the bank MCM's paper scores
+    against (``mcm_single``). C encodings, against the 2·T·C of the CLIPN banks: not cached."""
+    strings = [fill(template, c) for c in classes]
+    truncate = bool(getattr(loaded.model, "truncation_is_exact", False))
+    emb, _ = _encode_unique(loaded, strings, ["yes"], batch_size=batch_size, truncate=truncate, progress=progress)
+    return emb["yes"]
 
 
 def _read_cached(path: Path, classes: Sequence[str]) -> tuple[FloatArray, FloatArray] | None:

@@ -121,6 +121,9 @@ class Scoring:
     scale: float = 100.0
     msp_scale: float = 100.0
     mcm_temperature: float = 1.0
+    #: The template of the one-prompt bank baked into the engines (their ``mcm_single`` output, MCM as its
+    #: paper defines it); None: the bundle has no such bank.
+    mcm_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -471,7 +474,10 @@ def _scoring_problems(sc: dict[str, Any]) -> list[str]:
     if unknown:
         p.append(f"'scoring' has unknown fields {sorted(unknown)}")
     for key, v in sc.items():
-        if not _is_number(v) or v <= 0:
+        if key == "mcm_prompt":
+            if v is not None and not (isinstance(v, str) and "{}" in v):
+                p.append(f"'scoring.mcm_prompt' is {v!r}; it must be null or a template with {{}}")
+        elif not _is_number(v) or v <= 0:
             p.append(f"'scoring.{key}' is {v!r}; it must be a finite number > 0")
     return p
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -107,7 +106,7 @@ def _run(
     quiet: bool,
     verbose: int,
 ) -> int:
-    from clipn_runtime.calibration import calibrate, fingerprint, min_images, parse_tpr, write_to_bundle
+    from clipn_runtime.calibration import calibrate_detector, min_images, parse_tpr, write_to_bundle
     from clipn_runtime.detector import Detector
     from clipn_runtime.inputs import check_list_files, expand_inputs, require_inputs
 
@@ -142,28 +141,10 @@ def _run(
         allow_unchecked=allow_unchecked,
         use_calibration=False,
     )
-    scores: dict[str, list[float]] = {m: [] for m in _methods()}
-    digests: list[tuple[str, str]] = []
-    errors = 0
     with tqdm(total=len(items), unit="img", disable=quiet, desc="calibrating") as bar:
-        for d in detector.iter_detect([i.path for i in items]):
-            bar.update(1)
-            if d.error is not None:
-                errors += 1
-                log.warning("%s: %s (left out)", d.path, d.error)
-                continue
-            for m, field in _methods().items():
-                scores[m].append(float(d.scores[field]))
-            digests.append((os.path.basename(str(d.path)), _sha256(str(d.path))))
-    if not digests:
-        raise UserError("no calibration image could be read")
-
-    calib = calibrate(
-        scores,
-        target,
-        detector.measured_on(),
-        {"images": len(digests), "errors": errors, "fingerprint": fingerprint(digests)},
-    )
+        calib, errors = calibrate_detector(
+            detector, [i.path for i in items], target, on_image=lambda: bar.update(1)
+        )
     where = Path(output) if output is not None else write_to_bundle(bundle, calib)
     if output is not None:
         from clipn_runtime.fileio import atomic_write
@@ -171,20 +152,6 @@ def _run(
         atomic_write(where, calib.to_json())
     _print(calib, where, detector.engine.describe())
     return EXIT_PARTIAL if errors else EXIT_OK
-
-
-def _methods() -> dict[str, str]:
-    from clipn_runtime.scoring import METHODS
-
-    return {m: field for m, (field, _) in METHODS.items()}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _print(calib: Any, where: Path, engine: str) -> None:

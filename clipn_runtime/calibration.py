@@ -25,9 +25,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -37,6 +38,8 @@ from clipn_runtime.bundle import ROLE_CALIBRATION, Manifest, hash_entry, load_ma
 from clipn_runtime.errors import UserError
 from clipn_runtime.fileio import atomic_write
 from clipn_runtime.scoring import METHODS
+
+log = logging.getLogger("clipn_runtime")
 
 CALIBRATION_FORMAT = "clipn-calibration"
 CALIBRATION_VERSION = 1
@@ -94,6 +97,31 @@ def conformal_threshold(ood_scores: Sequence[float], tpr: Fraction) -> Threshold
         raise CalibrationError("a calibration score is not finite: the engine or the image is broken")
     k = conformal_rank(len(values), tpr)
     return Threshold(values[k - 1], k)
+
+
+def acceptance_floor(n: int, m: int, tpr: Fraction, p: float = 1e-3) -> float:
+    """The lowest share of ``m`` new ID images that a threshold calibrated on ``n`` keeps, except with
+    probability at most ``p``: ``tpr`` minus this is the sampling slack of one calibration checked on m images.
+
+    The guarantee is on average over calibration sets. For one calibration set, the probability C that a new ID
+    image is kept is Beta(k, n + 1 − k)-distributed for continuous scores (ties only raise it; Angelopoulos &
+    Bates 2021, §3.2), so the number kept of m is Beta-Binomial(m, k, n + 1 − k): its left tail is summed
+    exactly here (a normal approximation is too light on it at small n)."""
+    k = conformal_rank(n, tpr)
+    a, b = k, n + 1 - k
+
+    def log_beta(x: float, y: float) -> float:
+        return math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)
+
+    base = log_beta(a, b)
+    below = 0.0
+    for j in range(m + 1):
+        log_choose = math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1)
+        mass = math.exp(log_choose + log_beta(j + a, m - j + b) - base)
+        if below + mass > p:
+            return j / m
+        below += mass
+    return 1.0
 
 
 def fingerprint(items: Iterable[tuple[str, str]]) -> str:
@@ -245,6 +273,50 @@ def calibrate(
         raise ValueError(f"every method needs the same images, got sizes {sorted(sizes)}")
     thresholds = {m: conformal_threshold([ood_score(s) for s in v], tpr) for m, v in id_scores.items()}
     return Calibration(tpr, sizes.pop(), thresholds, measured_on, dict(calibration_set))
+
+
+def calibrate_detector(
+    detector: Any,
+    paths: Sequence[str],
+    tpr: Fraction,
+    *,
+    on_image: Callable[[], object] | None = None,
+) -> tuple[Calibration, int]:
+    """Score the held-out ID images ``paths`` with ``detector`` (a :class:`clipn_runtime.Detector` opened with
+    ``use_calibration=False``) and calibrate every method on them; returns the calibration and how many images
+    could not be read (left out, counted in its record). ``on_image`` is called once per image (a progress bar).
+
+    Raises :class:`CalibrationError` when no image could be read or too few were for ``tpr``."""
+    scores: dict[str, list[float]] = {m: [] for m in detector.methods}  # those this engine scores
+    digests: list[tuple[str, str]] = []
+    errors = 0
+    for d in detector.iter_detect(list(paths)):
+        if on_image is not None:
+            on_image()
+        if d.error is not None:
+            errors += 1
+            log.warning("%s: %s (left out)", d.path, d.error)
+            continue
+        for m, values in scores.items():
+            values.append(float(d.scores[METHODS[m][0]]))
+        digests.append((os.path.basename(str(d.path)), _sha256(str(d.path))))
+    if not digests:
+        raise CalibrationError("no calibration image could be read")
+    if len(digests) < min_images(tpr):
+        raise CalibrationError(
+            f"{len(digests)} of {len(paths)} image(s) could be read; a TPR of {_decimal(tpr)} needs at least "
+            f"{min_images(tpr)} held-out ID images"
+        )
+    record = {"images": len(digests), "errors": errors, "fingerprint": fingerprint(digests)}
+    return calibrate(scores, tpr, detector.measured_on(), record), errors
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _checksum(body: Mapping[str, Any]) -> str:

@@ -20,6 +20,7 @@ from clipn_runtime import clikit
 from clipn_runtime.clikit import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from clipn_runtime.clikit import EXIT_PARTIAL as EXIT_SOME_FAILED
 from clipn_runtime.errors import UserError
+from clipn_runtime.scoring import METHODS
 
 if TYPE_CHECKING:
     from clipn_runtime.detector import Detection, Detector
@@ -127,12 +128,13 @@ class DetectOptions:
 )
 @click.option(
     "--method",
-    type=click.Choice(["atd", "ctw", "msp", "mcm", "maxlogit", "energy"]),
+    type=click.Choice(list(METHODS)),
     default="atd",
     show_default=True,
     help="Which score decides `ood`: CLIPN's ATD (agent-to-decide) or CTW (competing-to-win), by their own "
     "threshold-free rule or by the bundle's calibrated threshold (clipn-calibrate); the baselines msp, mcm, "
-    "maxlogit, energy need a calibration. Each record's `rule` says which decided.",
+    "maxlogit, energy, mcm-single (MCM with one prompt, as its paper) need a calibration. Each record's `rule` "
+    "says which decided.",
 )
 @click.option(
     "--calibration",

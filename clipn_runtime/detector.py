@@ -62,7 +62,14 @@ from clipn_runtime.errors import UserError
 from clipn_runtime.inputs import path_fields, printable
 from clipn_runtime.preprocess import ImageDecodeError, Preprocessor, open_image
 from clipn_runtime.prompts import PromptSet, load_prompts
-from clipn_runtime.scoring import DECISION_METHODS, FULL_OUTPUTS, METHODS, SCALAR_OUTPUTS
+from clipn_runtime.scoring import (
+    BASELINE_OUTPUTS,
+    DECISION_METHODS,
+    FULL_OUTPUTS,
+    METHODS,
+    SCALAR_OUTPUTS,
+    methods_of,
+)
 from clipn_runtime.shards import ShardSample
 from clipn_runtime.vocab import check_classes
 
@@ -242,6 +249,19 @@ class Detector:
         self.banks: ClassBanks | None = None
         self._bank_builder: BankBuilder | None = None
         self._validate()
+        #: The scalar outputs read per image: CLIPN's and the baselines', plus those of the banks this engine has.
+        self.score_outputs: tuple[str, ...] = SCALAR_OUTPUTS + tuple(
+            n for n in BASELINE_OUTPUTS if n in self.engine.output_names
+        )
+        #: The methods this engine can score (``mcm-single`` only with MCM's one-prompt bank baked in).
+        self.methods: tuple[str, ...] = methods_of(self.score_outputs)
+        if method not in self.methods:
+            self.close()
+            raise UserError(
+                f"--method {method} needs MCM's one-prompt bank, which {self.bundle_dir} does not have (an "
+                "open-vocabulary bundle, or one exported with --no-mcm-bank or before the bank existed): export "
+                "it again with clipn-export"
+            )
         self._check_calibration()
         if self.manifest.parity.get("passed") is False:
             log.warning(
@@ -547,7 +567,7 @@ class Detector:
             if p.array is None:
                 results.append(Detection.failed(p.path, self.method, p.error or "unknown error", **p.extra))
                 continue
-            row: dict[str, ScalarValue] = {k: out[k][j].item() for k in SCALAR_OUTPUTS}
+            row: dict[str, ScalarValue] = {k: out[k][j].item() for k in self.score_outputs}
             j += 1
             nonfinite = [f"{k}={v}" for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
             if nonfinite:

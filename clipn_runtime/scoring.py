@@ -17,7 +17,11 @@ Notation (docs/math.md; CLIPN, Wang et al., ICCV 2023, official code at commit e
   ``p_ood > max_c (1 − p_no_c)·p_c`` — the (C+1)-way argmax lands on "unknown".
 * Baselines from the same pass: MSP ``= max softmax(100·cos)`` (the official code's scale), MCM
   ``= max softmax(cos / T)`` with ``T = 1`` (Ming et al., NeurIPS 2022), MaxLogit ``= max l``,
-  Energy ``= logsumexp(l)``.
+  Energy ``= logsumexp(l)`` — all on the yes bank ``W`` (CLIPN's prompt ensemble).
+* MCM as its paper defines it (``mcm_single``, method ``mcm-single``): ``max softmax(cos_1 / T)`` with
+  ``cos_1 = f·W_1ᵀ`` against a bank ``W_1`` of one prompt per class, ``"a photo of a <label>."``, through the
+  yes (plain CLIP) text tower — comparable with published MCM numbers. Only engines whose bundle carries that
+  bank emit it (:data:`BASELINE_OUTPUTS`).
 
 All outputs are ID-scores (higher = more in-distribution) except ``p_no`` and ``p_ood``. The arithmetic is
 done in at least fp32 (fp16 inputs are upcast) with log-sum-exp softmaxes and sigmoids of differences, so it
@@ -26,7 +30,8 @@ never overflows, even for huge logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Collection
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +44,8 @@ DEFAULT_SCALE = 100.0
 MSP_SCALE = 100.0
 #: MCM temperature on cosine similarities, as in the MCM paper.
 MCM_TEMPERATURE = 1.0
+#: The MCM paper's one prompt per class (Ming et al., NeurIPS 2022, §4; its code fills "a photo of a {}.").
+MCM_PROMPT = "a photo of a {}."
 
 
 @dataclass(frozen=True)
@@ -62,13 +69,15 @@ class Scores:
     logits_no: FloatArray
     probs: FloatArray
     p_no_all: FloatArray
+    # MCM on the one-prompt bank: only when that bank was given.
+    mcm_single: FloatArray | None = None
 
     def row(self, i: int) -> dict[str, float | int | bool]:
         """The scalar outputs of image ``i`` as plain Python values (JSON-ready)."""
         out: dict[str, float | int | bool] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if v.ndim == 1:
+            if v is not None and v.ndim == 1:
                 out[f.name] = v[i].item()
         return out
 
@@ -88,6 +97,8 @@ SCALAR_OUTPUTS: tuple[str, ...] = (
     "max_logit",
     "energy",
 )
+#: Baseline outputs an engine emits when its bundle carries their bank (after the scalars, in this order).
+BASELINE_OUTPUTS: tuple[str, ...] = ("mcm_single",)
 #: The per-class outputs added by ``--full-outputs``.
 FULL_OUTPUTS: tuple[str, ...] = ("logits", "logits_no", "probs", "p_no_all")
 
@@ -173,7 +184,7 @@ def score_logits(
         ood_ctw=p_no > 0.5,
         ood_atd=p_ood > np.max(agree, axis=1),
         msp=np.max(softmax(cos * msp_scale), axis=1),
-        mcm=np.max(softmax(cos / mcm_temperature), axis=1),
+        mcm=mcm(cos, mcm_temperature),
         max_logit=np.max(l_, axis=1),
         energy=logsumexp(l_),
         logits=l_,
@@ -181,6 +192,11 @@ def score_logits(
         probs=probs,
         p_no_all=p_no_all,
     )
+
+
+def mcm(cosines: npt.ArrayLike, temperature: float = MCM_TEMPERATURE) -> FloatArray:
+    """MCM's ID-score ``max_c softmax(cos / T)`` from the cosines (N×C) of the features to a class bank."""
+    return np.max(softmax(_float(cosines) / temperature), axis=1)
 
 
 def score_features(
@@ -191,8 +207,10 @@ def score_features(
     *,
     msp_scale: float = MSP_SCALE,
     mcm_temperature: float = MCM_TEMPERATURE,
+    bank_single: npt.ArrayLike | None = None,
 ) -> Scores:
-    """All CLIPN outputs for image features (N×D, any norm) against yes/no class banks (C×D each)."""
+    """All CLIPN outputs for image features (N×D, any norm) against yes/no class banks (C×D each), and
+    ``mcm_single`` against the one-prompt bank ``bank_single`` (C×D) when given."""
     f = np.asarray(features)
     if f.ndim == 1:
         f = f[None, :]
@@ -201,13 +219,19 @@ def score_features(
         raise ValueError(f"bank and bank_no must both be C×D; got {w.shape} and {w_no.shape}")
     if f.shape[1] != w.shape[1]:
         raise ValueError(f"feature dim {f.shape[1]} does not match bank dim {w.shape[1]}")
-    return score_logits(
+    scores = score_logits(
         class_logits(f, w, scale),
         class_logits(f, w_no, scale),
         scale,
         msp_scale=msp_scale,
         mcm_temperature=mcm_temperature,
     )
+    if bank_single is None:
+        return scores
+    w_1 = np.asarray(bank_single)
+    if w_1.shape != w.shape:
+        raise ValueError(f"bank_single must be C×D like bank {w.shape}; got {w_1.shape}")
+    return replace(scores, mcm_single=mcm(class_logits(f, w_1, 1.0), mcm_temperature))
 
 
 #: Method name → (ID-score field, OOD-decision field or None when the method has no threshold-free rule).
@@ -218,9 +242,15 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "mcm": ("mcm", None),
     "maxlogit": ("max_logit", None),
     "energy": ("energy", None),
+    "mcm-single": ("mcm_single", None),
 }
 #: The methods with a threshold-free decision rule (CLIPN's two).
 DECISION_METHODS: tuple[str, ...] = tuple(m for m, (_, d) in METHODS.items() if d is not None)
+
+
+def methods_of(outputs: Collection[str]) -> tuple[str, ...]:
+    """The methods an engine with these scalar outputs can score (``mcm-single`` needs its bank's output)."""
+    return tuple(m for m, (field_name, _) in METHODS.items() if field_name in outputs)
 
 
 def _method(method: str) -> tuple[str, str | None]:
@@ -232,7 +262,9 @@ def _method(method: str) -> tuple[str, str | None]:
 
 def id_score(scores: Scores, method: str) -> FloatArray:
     """The ID-score (higher = more in-distribution) of ``method``."""
-    result: FloatArray = getattr(scores, _method(method)[0])
+    result: FloatArray | None = getattr(scores, _method(method)[0])
+    if result is None:
+        raise ValueError(f"method {method!r} needs the one-prompt bank (bank_single), which these scores lack")
     return result
 
 

@@ -22,6 +22,7 @@ from clipn_runtime.calibration import (
     Calibration,
     CalibrationError,
     MeasuredOn,
+    acceptance_floor,
     calibrate,
     conformal_rank,
     conformal_threshold,
@@ -81,6 +82,25 @@ def test_conformal_coverage_holds_empirically(tpr: str, n: int) -> None:
     assert misses.mean() <= alpha + 4 * se
     assert abs(misses.mean() - expected) <= 4 * se
     assert expected >= alpha - 1 / (n + 1) - 1e-12
+
+
+@pytest.mark.parametrize(("n", "m"), [(40, 200), (256, 256), (768, 768)])
+def test_acceptance_floor_bounds_the_share_kept(n: int, m: int) -> None:
+    """The demo guard's floor: over many calibration sets, the share of m new ID images kept falls below
+    acceptance_floor(p) with probability about p — at most p, and not far less (the floor is the tail's edge)."""
+    rng = np.random.default_rng(n + m)
+    target = parse_tpr("0.95")
+    trials = 6000
+    kept = np.empty(trials)
+    for i in range(trials):
+        t = conformal_threshold(list(rng.standard_normal(n)), target).threshold
+        kept[i] = np.mean(rng.standard_normal(m) <= t)
+    p = 0.05  # large enough for 6000 trials to measure
+    floor = acceptance_floor(n, m, target, p)
+    below, below_next = np.mean(kept < floor - 1e-12), np.mean(kept < floor + 1 / m - 1e-12)
+    se = math.sqrt(p * (1 - p) / trials)  # 0.0028
+    assert below <= p + 4 * se and below_next >= p - 4 * se
+    assert acceptance_floor(n, m, target, 1e-3) < floor < float(target)
 
 
 # ---- the file -----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from clipn_eval.cli import main
+from clipn_runtime.scoring import METHODS
 
 CLASSES = ["cat", "dog", "car"]
 
@@ -52,7 +53,7 @@ def test_eval_writes_every_file_and_resumes(tiny_bundle: Path, tmp_path: Path) -
         assert (out / name).stat().st_size > 0, name
     doc = json.loads((out / "metrics.json").read_text())
     methods = {r["method"] for r in doc["rows"]}
-    assert methods == {"atd", "ctw", "msp", "mcm", "maxlogit", "energy"}
+    assert methods == set(METHODS)  # mcm-single too: the bundle carries MCM's one-prompt bank
     assert {r["ood_set"] for r in doc["rows"]} == {"A", "B", "average"}
     assert doc["id_accuracy"] is not None and 0 <= doc["id_accuracy"] <= 1
     assert [e["path"] for e in doc["meta"]["errors"]] == [str(ood_b / "broken.jpg")]
@@ -174,7 +175,7 @@ def test_torch_reference_matches_engine(
             assert v == pytest.approx(t[path]["scores"][m], rel=1e-4, abs=1e-5), (path, m)
     # Methods whose scores are not saturated by this random tiny model rank the images identically.
     for a, b in zip(eng["rows"], ref["rows"], strict=True):
-        if a["method"] in ("msp", "mcm", "maxlogit", "energy"):
+        if a["method"] in ("msp", "mcm", "maxlogit", "energy", "mcm-single"):
             assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-6)
 
 

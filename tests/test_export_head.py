@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipn_export.head import EMBEDDING_OUTPUT, ScoringHead, Uint8Preprocess, normalize_uint8, output_names
-from clipn_runtime.scoring import FULL_OUTPUTS, SCALAR_OUTPUTS, l2_normalize, score_features
+from clipn_runtime.scoring import BASELINE_OUTPUTS, FULL_OUTPUTS, SCALAR_OUTPUTS, l2_normalize, score_features
 
 DECISIONS = ("pred", "ood_ctw", "ood_atd")
 
@@ -50,6 +50,23 @@ def test_head_matches_reference_scoring(n: int, c: int, d: int, scale: float, se
     # Unit vectors normalised twice in fp32, summing the squares in other orders (numpy pairwise, torch
     # vectorised): the norms may differ by ~sqrt(D) ulps (D ≤ 64), so 8 ulps of 1 (measured ≤ 1 ulp).
     np.testing.assert_allclose(got[EMBEDDING_OUTPUT].numpy(), l2_normalize(f), rtol=0, atol=1e-6)
+
+
+def test_head_with_the_one_prompt_bank_matches_the_reference() -> None:
+    f, w, w_no = _case(6, 5, 16, 7)
+    w_1 = np.random.default_rng(8).normal(size=w.shape)
+    head = ScoringHead(w, w_no, 100.0, full_outputs=True, bank_single=w_1)
+    with torch.no_grad():
+        got = head.score(torch.from_numpy(f))
+    assert tuple(got) == SCALAR_OUTPUTS + BASELINE_OUTPUTS + FULL_OUTPUTS == head.output_names
+    ref = score_features(f, w, w_no, 100.0, bank_single=w_1)
+    assert ref.mcm_single is not None
+    np.testing.assert_allclose(got["mcm_single"].numpy(), ref.mcm_single, rtol=0, atol=1e-6)  # a probability
+    np.testing.assert_allclose(got["mcm"].numpy(), ref.mcm, rtol=0, atol=1e-6)  # the other banks untouched
+    with pytest.raises(ValueError, match="bank_single must be C×D"):
+        ScoringHead(w, w_no, 100.0, bank_single=w_1[:3])
+    with pytest.raises(ValueError, match="no class banks as inputs"), torch.no_grad():
+        head(torch.from_numpy(f), torch.from_numpy(w).float(), torch.from_numpy(w_no).float())
 
 
 def test_head_dtypes_and_default_outputs() -> None:

@@ -18,7 +18,7 @@ from clipn_export.parity import parity_images
 from clipn_export.precision import ENGINE_FILES, make_session
 from clipn_runtime.bundle import BundleError, load_manifest
 from clipn_runtime.errors import UserError
-from clipn_runtime.scoring import FULL_OUTPUTS, SCALAR_OUTPUTS, score_features
+from clipn_runtime.scoring import BASELINE_OUTPUTS, FULL_OUTPUTS, SCALAR_OUTPUTS, score_features
 
 DECISIONS = ("pred", "ood_ctw", "ood_atd")
 CLASSES = ["cat", "dog", "car"]
@@ -30,7 +30,10 @@ def _reference(loaded: Any, bundle: Path, pixels: np.ndarray) -> Any:
         yes, no = z["yes"], z["no"]
     with torch.inference_mode():
         feats = loaded.model.encode_image(torch.from_numpy(pixels), normalize=False).numpy()
-    return score_features(feats, yes, no, manifest.scoring.scale)
+        # MCM's one-prompt bank, encoded here at the full context (the exporter cuts prompts to their length)
+        tokens = loaded.tokenizer([f"a photo of a {c}." for c in manifest.classes])
+        single = loaded.model.encode_text(tokens, normalize=True).numpy()
+    return score_features(feats, yes, no, manifest.scoring.scale, bank_single=single)
 
 
 def _run(bundle: Path, precision: str, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -78,8 +81,8 @@ def test_dynamic_batch_equals_pytorch_and_reference(tiny_clipn: Any, full_bundle
     )
     got = _run(full_bundle, "fp32", pixels)
     ref = _reference(tiny_clipn, full_bundle, pixels)
-    assert set(got) == set(SCALAR_OUTPUTS + FULL_OUTPUTS + ("embedding",))
-    for name in SCALAR_OUTPUTS + FULL_OUTPUTS:
+    assert set(got) == set(SCALAR_OUTPUTS + BASELINE_OUTPUTS + FULL_OUTPUTS + ("embedding",))
+    for name in SCALAR_OUTPUTS + BASELINE_OUTPUTS + FULL_OUTPUTS:
         want = getattr(ref, name)
         assert got[name].shape == want.shape, name
         if name in DECISIONS:
@@ -97,7 +100,7 @@ def test_graph_signature_in_manifest(full_bundle: Path) -> None:
     engine = manifest.engine("fp32")
     assert [i.name for i in engine.inputs] == ["image"]
     assert engine.inputs[0].shape == ["batch", 3, 32, 32] and engine.inputs[0].dtype == "float32"
-    assert [o.name for o in engine.outputs] == [*list(SCALAR_OUTPUTS + FULL_OUTPUTS), "embedding"]
+    assert [o.name for o in engine.outputs] == [*SCALAR_OUTPUTS, *BASELINE_OUTPUTS, *FULL_OUTPUTS, "embedding"]
     dtypes = {o.name: o.dtype for o in engine.outputs}
     assert dtypes["pred"] == "int64" and dtypes["ood_ctw"] == "bool" and dtypes["atd"] == "float32"
     shapes = {o.name: o.shape for o in engine.outputs}

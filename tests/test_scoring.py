@@ -134,6 +134,28 @@ def test_method_registry() -> None:
         scoring.id_score(out, "nope")
 
 
+def test_mcm_with_one_prompt_by_hand() -> None:
+    """mcm_single = max softmax(cos₁ / T) against the one-prompt bank, independent of the logit scale; only
+    with that bank (and so only methods_of outputs that include it offer mcm-single)."""
+    f = np.array([[3.0, 4.0]])  # cosines are taken of the normalised feature (0.6, 0.8)
+    w, w_no = np.eye(2), np.eye(2)[::-1]
+    w_1 = np.array([[1.0, 0.0], [0.0, 2.0]])  # rows are normalised too: cos₁ = (0.6, 0.8)
+    out = score_features(f, w, w_no, 37.0, bank_single=w_1)
+    want = np.exp(0.8) / (np.exp(0.6) + np.exp(0.8))  # T = 1, the MCM paper's
+    assert out.mcm_single is not None
+    np.testing.assert_allclose(out.mcm_single, [want], rtol=1e-6)
+    assert scoring.id_score(out, "mcm-single")[0] == out.mcm_single[0]
+    assert out.row(0)["mcm_single"] == pytest.approx(want)
+    plain = score_features(f, w, w_no, 37.0)
+    assert plain.mcm_single is None and "mcm_single" not in plain.row(0)
+    with pytest.raises(ValueError, match="one-prompt bank"):
+        scoring.id_score(plain, "mcm-single")
+    with pytest.raises(ValueError, match="bank_single must be C×D"):
+        score_features(f, w, w_no, 37.0, bank_single=np.eye(3)[:, :2])
+    assert "mcm-single" not in scoring.methods_of(scoring.SCALAR_OUTPUTS)
+    assert scoring.methods_of(scoring.SCALAR_OUTPUTS + scoring.BASELINE_OUTPUTS) == tuple(scoring.METHODS)
+
+
 def test_row_is_json_ready() -> None:
     out = score_logits(np.array([[1.0, 0.0]]), np.array([[0.0, 2.0]]), 100.0)
     row = out.row(0)

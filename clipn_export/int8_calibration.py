@@ -49,13 +49,16 @@ _NAMED = 3
 
 @dataclass(frozen=True)
 class CalibrationFiles:
-    """The files picked to calibrate on (at most ``size``, in list order) and how many were found."""
+    """The files picked to calibrate on (at most ``size``, in list order), those held out for the parity gate,
+    and how many were found."""
 
     files: tuple[str, ...]
     #: images found in the inputs (before picking)
     found: int
     #: videos and shards skipped
     not_images: int
+    #: images kept out of the calibration, for the parity gate (empty when there are too few images)
+    held_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class CalibrationSet:
     found: int
     unreadable: int
     not_images: int
+    #: crops of the held-out images (not calibrated on), for the parity gate
+    held_out: tuple[npt.NDArray[np.uint8], ...] = ()
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -87,6 +92,7 @@ class CalibrationSet:
             "found": self.found,
             "unreadable": self.unreadable,
             "not_images": self.not_images,
+            "held_out_for_parity": len(self.held_out),
             "fingerprint": f"sha256:{self.fingerprint}",
             "fingerprint_of": "sorted sha256 of each image file used (content only, not paths)",
             "preprocess": "clipn_runtime.preprocess (the bundle's resize, centre crop and normalisation)",
@@ -113,8 +119,11 @@ def require_nncf() -> None:
         raise MissingExtra("nncf", "export", "static int8 with --calibration uses NNCF")
 
 
-def find_calibration_images(specs: Sequence[str], size: int = DEFAULT_CALIBRATION_SIZE) -> CalibrationFiles:
-    """List the images of ``specs`` (files, folders with subfolders, ``@lists``) and pick at most ``size``.
+def find_calibration_images(
+    specs: Sequence[str], size: int = DEFAULT_CALIBRATION_SIZE, hold_out: int = 0
+) -> CalibrationFiles:
+    """List the images of ``specs`` (files, folders with subfolders, ``@lists``) and pick at most ``size``;
+    first set aside ``hold_out`` of them for the parity gate, when that leaves :data:`MIN_CALIBRATION_IMAGES`.
 
     Raises :class:`UserError` for a missing path, an unreadable list, or fewer than
     :data:`MIN_CALIBRATION_IMAGES` images.
@@ -128,9 +137,9 @@ def find_calibration_images(specs: Sequence[str], size: int = DEFAULT_CALIBRATIO
     check_list_files(specs)
     images: list[str] = []
     not_images = 0
-    held = _Held()  # "FOLDER: no images found": said once below, or by the error when there are too few
+    quiet = _Held()  # "FOLDER: no images found": said once below, or by the error when there are too few
     inputs_log = logging.getLogger(expand_inputs.__module__)
-    inputs_log.addFilter(held)
+    inputs_log.addFilter(quiet)
     try:
         for item in expand_inputs(specs, recursive=True):
             if item.kind == "image":
@@ -138,20 +147,27 @@ def find_calibration_images(specs: Sequence[str], size: int = DEFAULT_CALIBRATIO
             else:
                 not_images += 1
     finally:
-        inputs_log.removeFilter(held)
-    if len(images) >= MIN_CALIBRATION_IMAGES:
-        for message in held.messages:
-            log.warning("calibration: %s", message)
-    if not_images:
-        log.warning("calibration: %d videos/shards skipped (calibration takes images; extract frames)", not_images)
-    where = " ".join(printable(s) for s in specs)
+        inputs_log.removeFilter(quiet)
+    skipped = f"{not_images} videos/shards skipped (calibration takes images; extract frames)"
     if len(images) < MIN_CALIBRATION_IMAGES:
+        where = " ".join(printable(s) for s in specs)
         raise UserError(
             f"--calibration {where}: {len(images)} images found, at least {MIN_CALIBRATION_IMAGES} are needed "
             f"(a few hundred of your own in-distribution images is right; {DEFAULT_CALIBRATION_SIZE} are used "
-            "by default)"
+            f"by default){'; ' + skipped if not_images else ''}"
         )
-    return CalibrationFiles(_spread(images, size), len(images), not_images)
+    for message in quiet.messages:
+        log.warning("calibration: %s", message)
+    if not_images:
+        log.warning("calibration: %s", skipped)
+    held: tuple[str, ...] = ()
+    if hold_out and len(images) - hold_out >= MIN_CALIBRATION_IMAGES:
+        held = _spread(images, hold_out)
+        kept = set(held)
+        images_left = [f for f in images if f not in kept]
+    else:
+        images_left = images
+    return CalibrationFiles(_spread(images_left, size), len(images), not_images, held)
 
 
 class _Held(logging.Filter):
@@ -186,22 +202,16 @@ def load_calibration(found: CalibrationFiles, preprocess: Preprocess) -> Calibra
     digests: list[str] = []
     bad: list[str] = []
     for path in found.files:
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-            crop = pre.crop(open_image(io.BytesIO(data)))
-        except OSError as e:
-            bad.append(f"{printable(path)}: cannot read file: {e.strerror or e}")
-            continue
-        except ImageDecodeError as e:
-            bad.append(f"{printable(path)}: {e}")
-            continue
-        crops.append(crop)
-        digests.append(hashlib.sha256(data).hexdigest())
+        got = _read(path, pre, bad)
+        if got is not None:
+            crops.append(got[0])
+            digests.append(got[1])
+    held = [got[0] for path in found.held_out if (got := _read(path, pre, bad)) is not None]
     if bad:
+        total = len(found.files) + len(found.held_out)
         log.warning(
             "calibration: %d of %d images skipped (cannot be decoded): %s%s",
-            len(bad), len(found.files), "; ".join(bad[:_NAMED]), " …" if len(bad) > _NAMED else "",
+            len(bad), total, "; ".join(bad[:_NAMED]), " …" if len(bad) > _NAMED else "",
         )  # fmt: skip
     if len(crops) < MIN_CALIBRATION_IMAGES:
         raise UserError(
@@ -209,4 +219,17 @@ def load_calibration(found: CalibrationFiles, preprocess: Preprocess) -> Calibra
             f"{MIN_CALIBRATION_IMAGES} are needed"
         )
     fingerprint = hashlib.sha256("\n".join(sorted(digests)).encode("ascii")).hexdigest()
-    return CalibrationSet(tuple(crops), spec, fingerprint, found.found, len(bad), found.not_images)
+    return CalibrationSet(tuple(crops), spec, fingerprint, found.found, len(bad), found.not_images, tuple(held))
+
+
+def _read(path: str, pre: Preprocessor, bad: list[str]) -> tuple[npt.NDArray[np.uint8], str] | None:
+    """The crop and sha256 of one file, or None (and why, appended to ``bad``)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        return pre.crop(open_image(io.BytesIO(data))), hashlib.sha256(data).hexdigest()
+    except OSError as e:
+        bad.append(f"{printable(path)}: cannot read file: {e.strerror or e}")
+    except ImageDecodeError as e:
+        bad.append(f"{printable(path)}: {e}")
+    return None
