@@ -116,6 +116,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from clipn_train.cache import build_feature_cache
+    from clipn_train.distributed import DistInfo, pick_device
     from clipn_train.factory import create_clipn
     from clipn_train.trainer import TrainConfig
 
@@ -159,6 +160,7 @@ def main() -> None:
             workers=args.workers,
             precision=args.precision,
             dtype="float16",
+            dist_info=DistInfo(device=pick_device(args.device)),  # on the device the training runs on
         )
         cache_seconds = time.perf_counter() - t0
         cached = timed_run(

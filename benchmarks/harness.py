@@ -351,6 +351,8 @@ def get_bundle(
         calibration=(str(calibration),) if calibration is not None else (),
         calibration_size=CALIBRATION_IMAGES,
         tensorrt=tensorrt,
+        # The same head as the PyTorch pipeline it is timed against (which has no one-prompt MCM bank).
+        mcm_bank=False,
         # The gate's int8 rank test is meaningless on random weights; benchmarks check agreement themselves.
         parity=ParityOptions(enabled=False),
         overwrite=True,

@@ -58,6 +58,8 @@ class ScoredImage:
 
 class Scorer(Protocol):
     classes: list[str]
+    #: The methods whose ID-scores every ScoredImage carries (``mcm-single`` only with its bank).
+    methods: tuple[str, ...]
 
     def key(self) -> str:
         """Identifies what produces the scores (weights, classes, prompts): the score cache is keyed by it."""
@@ -308,7 +310,7 @@ def evaluate(
     stderr). UserError when a folder has no images, or not one image of a set could be scored."""
     from clipn_eval.report import metric_rows, write_report
 
-    available = tuple(getattr(scorer, "methods", METHODS))
+    available = tuple(scorer.methods)
     if methods is None:
         methods = list(available)
     missing = [m for m in methods if m not in available]

@@ -53,9 +53,10 @@ Examples:
       # then, torch-free: clipn-detect images/ --engine b/ --classes other.txt
 
 \b
-After the export, a parity gate runs a few generated images through the ONNX
-engines (onnxruntime) and through the PyTorch model + the reference scoring and
-prints a table of the differences. fp32 must match within --parity-atol with
+After the export, a parity gate runs a few generated images (with --calibration:
+your images held out of it) through the ONNX engines (onnxruntime, OpenVINO) and
+through the PyTorch model + the reference scoring and prints a table of the
+differences. fp32 must match within --parity-atol with
 identical decisions; fp16/bf16/int8 must keep the ATD ranking (--parity-min-rank-*).
 
 \b
@@ -211,7 +212,12 @@ the text-bank cache keeps finished banks); 1 unexpected error (also: the
 )
 @click.option("--triton-name", default="clipn", show_default=True, help="Model name inside --triton-repo.")
 @click.option(
-    "--parity-images", default=16, show_default=True, type=int, help="Generated images for the parity gate."
+    "--parity-images",
+    default=16,
+    show_default=True,
+    type=int,
+    help="Images for the parity gate: generated ones, or with --calibration that many of your images, held out "
+    "of the calibration.",
 )
 @click.option(
     "--parity-atol", default=1e-4, show_default=True, type=float, help="fp32 gate: max |Δ| of every output."

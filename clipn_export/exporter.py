@@ -530,17 +530,16 @@ def _gate_images(job: _Job, calibration: CalibrationSet | None) -> npt.NDArray[n
         return parity_images(o.parity.images, job.size, o.parity.seed)
     if calibration.held_out:
         return np.stack(calibration.held_out)
-    # Too few images to hold any out: the gate runs on calibration images (a weaker check, said in the log).
-    log.warning(
-        "parity: too few --calibration images to hold %d out; the gate checks calibration images", o.parity.images
-    )
+    # None held out (too few images, or none of them decodable): the gate runs on calibration images, a
+    # weaker check, said in the log and in the manifest.
+    log.warning("parity: no --calibration images held out of the calibration; the gate checks calibration images")
     return np.stack(calibration.crops[: o.parity.images])
 
 
 def _gate_images_from(calibration: CalibrationSet) -> str:
     if calibration.held_out:
         return f"{len(calibration.held_out)} --calibration images held out of the calibration"
-    return "--calibration images (too few to hold any out)"
+    return "--calibration images (none could be held out of the calibration)"
 
 
 def gate_paths(

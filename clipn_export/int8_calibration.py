@@ -206,7 +206,16 @@ def load_calibration(found: CalibrationFiles, preprocess: Preprocess) -> Calibra
         if got is not None:
             crops.append(got[0])
             digests.append(got[1])
-    held = [got[0] for path in found.held_out if (got := _read(path, pre, bad)) is not None]
+    held_read = [got for path in found.held_out if (got := _read(path, pre, bad)) is not None]
+    if len(crops) < MIN_CALIBRATION_IMAGES <= len(crops) + len(held_read):
+        # Files were held out by count, before decoding: calibrate on all readable ones rather than refuse.
+        log.warning(
+            "calibration: too few decodable images to hold any out; the parity gate checks calibration ones"
+        )
+        crops += [c for c, _ in held_read]
+        digests += [d for _, d in held_read]
+        held_read = []
+    held = [c for c, _ in held_read]
     if bad:
         total = len(found.files) + len(found.held_out)
         log.warning(

@@ -177,7 +177,7 @@ class StaticInt8Options:
     uint8_activations: bool = True
     #: NNCF's overflow fix: "enable" quantises every MatMul weight to 7 bits (a half of the int8 range), as
     #: the dynamic int8 does (``Int8Options.reduce_range``): a bundle runs on CPUs it was not exported on, and
-    #: without VNNI the u8×s8 kernels add pairs of products in saturating 16 bits. "first_layer" (NNCF's
+    #: without VNNI the u8×s8 kernels add pairs of products in saturating 16 bits. "first_layer_only" (NNCF's
     #: default) would touch only the first convolution, which stays float here; "disable": 8-bit weights.
     overflow_fix: str = "enable"
 

@@ -335,6 +335,8 @@ class Manifest:
         """Strict JSON: a non-finite float (a NaN parity measurement) is written as null, never as a bare NaN
         that strict parsers reject (and that :meth:`from_dict` would refuse where it matters)."""
         d = {**asdict(self), "model": self.model.to_dict()}
+        if self.scoring.mcm_prompt is None:  # absent, as before the field existed: older readers take the bundle
+            del d["scoring"]["mcm_prompt"]
         return json.dumps(_finite_or_none(d), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     @classmethod

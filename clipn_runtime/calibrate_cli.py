@@ -156,7 +156,7 @@ def _run(
 
 def _print(calib: Any, where: Path, engine: str) -> None:
     click.echo(f"calibrated on {calib.n} ID images, target TPR {calib.rule.split('@')[1]} ({engine}):")
-    click.echo(f"{'method':<9} {'threshold (OOD-ness >)':>24} {'rank k of n':>12}")
+    click.echo(f"{'method':<10} {'threshold (OOD-ness >)':>24} {'rank k of n':>12}")
     for m, t in calib.thresholds.items():
-        click.echo(f"{m:<9} {t.threshold:>24.6g} {f'{t.rank}/{calib.n}':>12}")
+        click.echo(f"{m:<10} {t.threshold:>24.6g} {f'{t.rank}/{calib.n}':>12}")
     click.echo(f"written: {where}")

@@ -107,6 +107,8 @@ def acceptance_floor(n: int, m: int, tpr: Fraction, p: float = 1e-3) -> float:
     image is kept is Beta(k, n + 1 − k)-distributed for continuous scores (ties only raise it; Angelopoulos &
     Bates 2021, §3.2), so the number kept of m is Beta-Binomial(m, k, n + 1 − k): its left tail is summed
     exactly here (a normal approximation is too light on it at small n)."""
+    if m < 1:
+        raise ValueError(f"the share kept of m images needs m ≥ 1, got {m}")
     k = conformal_rank(n, tpr)
     a, b = k, n + 1 - k
 

@@ -113,7 +113,8 @@ class Detection:
     class; ``ctw``/``atd`` the two CLIPN ID-scores; ``p_ood = 1 − atd``; ``ood`` the decision of ``method`` by
     ``rule``: ``calibrated@0.95`` (clipn-calibrate's threshold) or ``threshold-free`` (CTW's and ATD's own rule).
     When the input failed, ``error`` holds the message and every score is ``None``. ``scores`` holds
-    every scalar the engine emits (also ``msp``, ``mcm``, ``max_logit``, ``energy``).
+    every scalar the engine emits (also ``msp``, ``mcm``, ``max_logit``, ``energy`` and, with MCM's one-prompt
+    bank, ``mcm_single``).
     """
 
     path: str | None
@@ -257,11 +258,12 @@ class Detector:
         self.methods: tuple[str, ...] = methods_of(self.score_outputs)
         if method not in self.methods:
             self.close()
-            raise UserError(
-                f"--method {method} needs MCM's one-prompt bank, which {self.bundle_dir} does not have (an "
-                "open-vocabulary bundle, or one exported with --no-mcm-bank or before the bank existed): export "
-                "it again with clipn-export"
+            why = (
+                "an open-vocabulary bundle has none: export one without --open-vocabulary for this method"
+                if self.manifest.is_open_vocabulary
+                else "it was exported with --no-mcm-bank or before the bank existed: export it again with clipn-export"
             )
+            raise UserError(f"--method {method} needs MCM's one-prompt bank, which {self.bundle_dir} lacks; {why}")
         self._check_calibration()
         if self.manifest.parity.get("passed") is False:
             log.warning(

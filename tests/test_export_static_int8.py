@@ -146,6 +146,19 @@ def test_hold_out_for_the_gate(calib_dir: Path) -> None:
     assert few.held_out == () and len(few.files) == 37
 
 
+def test_held_out_images_are_given_back_when_too_few_decode(tmp_path: Path) -> None:
+    """Images are held out by count, before decoding: when an unreadable file then leaves the calibration part
+    short, the held-out ones are calibrated on (the gate checks calibration images) instead of a refusal."""
+    from clipn_export.int8_calibration import CalibrationFiles
+
+    files = make_images(tmp_path / "id", 2 * MIN_CALIBRATION_IMAGES)
+    files[0].write_bytes(b"not an image")
+    part, held = files[:MIN_CALIBRATION_IMAGES], files[MIN_CALIBRATION_IMAGES:]
+    found = CalibrationFiles(tuple(map(str, part)), len(files), 0, tuple(map(str, held)))
+    cal = load_calibration(found, PRE)
+    assert len(cal) == 2 * MIN_CALIBRATION_IMAGES - 1 and cal.held_out == () and cal.unreadable == 1
+
+
 def test_static_int8_scores_like_fp32(static_bundle: Path) -> None:
     crops = parity_images(8, 32, seed=5)
     fp32, int8 = _run(static_bundle, "fp32", crops), _run(static_bundle, "int8", crops)

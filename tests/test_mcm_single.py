@@ -41,6 +41,10 @@ def test_the_bundle_carries_the_bank_and_the_engine_scores_it(
     assert manifest.parity["passed"] is True and "mcm_single" in manifest.parity["engines"]["fp32"]["max_abs"]
     without = load_manifest(bundles["without"])
     assert without.scoring.mcm_prompt is None
+    # absent from the file, as before the bank existed: clipn-ood versions without it read the bundle
+    assert (
+        "mcm_prompt" not in json.loads((bundles["without"] / "clipn.json").read_text(encoding="utf-8"))["scoring"]
+    )
     assert "mcm_single" not in [o.name for o in without.engine("fp32").outputs]
 
     # The engine's mcm_single against MCM computed here with the PyTorch model: cosines of the image feature
