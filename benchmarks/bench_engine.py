@@ -340,11 +340,10 @@ def input_batch(bundle: Path, n: int, out: Path) -> Path:
     workers: every candidate times the same array."""
     from clipn_export.parity import parity_images
     from clipn_runtime.bundle import load_manifest
+    from clipn_runtime.preprocess import Preprocessor
 
-    pre = load_manifest(bundle, verify_hashes=False).preprocess
-    images = parity_images(n, pre.image_size, seed=0).astype(np.float32) / 255.0
-    x = (images - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    np.save(out, np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32))
+    pre = Preprocessor(load_manifest(bundle, verify_hashes=False).preprocess)
+    np.save(out, np.stack([pre.normalize(crop) for crop in parity_images(n, pre.spec.image_size, seed=0)]))
     return out
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, VIT_B16_GFLOP, machine_info, write_result  # noqa: E402
+from common import RESULTS, VIT_B16_GFLOP, cpu_limits, write_result  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
@@ -167,8 +167,7 @@ def peak_gflops(
     """The ``numeric`` (fp32/bf16/int8) limit of the CPU for ``threads`` cores (per core × min(threads, cores))
     from common.cpu_limits, and how it was derived; None where the CPU has no such arithmetic (bf16 without
     AVX-512 BF16/AMX) or the class has no CPU limit."""
-    m = machine or machine_info()
-    lim = m["limits"]
+    lim = machine["limits"] if machine is not None else cpu_limits()  # not machine_info(): no nvidia-smi per row
     cores = max(1, int(lim["cores"]))
     used = max(1, min(threads, cores))
     per_core = lim["per_core_gflops"].get(numeric) if numeric in LIMIT_CLASSES else None

@@ -149,18 +149,22 @@ class ScoringHead(nn.Module):
             "ood_ctw": p_no > 0.5,
             "ood_atd": p_ood > torch.amax(agree, dim=1),
             "msp": torch.amax(_softmax(cos * self.msp_scale), dim=1),
-            "mcm": torch.amax(_softmax(cos / self.mcm_temperature), dim=1),
+            "mcm": self._mcm(cos),
             "max_logit": max_logit,
             "energy": _logsumexp(logits),
         }
         out = [scalars[name] for name in SCALAR_OUTPUTS]
         if self.bank_single is not None:  # MCM as its paper defines it: cosines to the one-prompt bank
-            out.append(torch.amax(_softmax((f @ self.bank_single.T) / self.mcm_temperature), dim=1))
+            out.append(self._mcm(f @ self.bank_single.T))
         if self.full_outputs:
             out += [logits, logits_no, probs, p_no_all]
         if self.embeddings:
             out.append(f)
         return tuple(out)
+
+    def _mcm(self, cosines: Tensor) -> Tensor:
+        """MCM's ID-score from the cosines to a class bank (scoring.mcm's twin)."""
+        return torch.amax(_softmax(cosines / self.mcm_temperature), dim=1)
 
     def score(self, features: Tensor) -> dict[str, Tensor]:
         """``forward`` as a name → tensor mapping (for tests and callers that prefer names)."""

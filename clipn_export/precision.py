@@ -245,9 +245,9 @@ def to_int8_static(
     return quantized, record
 
 
-def uint8_activations(model: onnx.ModelProto, *, symmetric: bool = False) -> int:
-    """Re-type the int8 activation quantisers with a nonzero zero point (asymmetric; all of them with
-    ``symmetric``) as uint8, in place; returns how many.
+def uint8_activations(model: onnx.ModelProto) -> int:
+    """Re-type the int8 activation quantisers with a nonzero zero point (asymmetric) as uint8, in place; returns
+    how many.
 
     Exact: ``q_u8 = q_i8 + 128`` with ``zp_u8 = zp_i8 + 128`` dequantises to the same values. NNCF's ONNX
     backend writes every activation that can be negative as int8; x86 int8 kernels without VNNI multiply
@@ -257,14 +257,7 @@ def uint8_activations(model: onnx.ModelProto, *, symmetric: bool = False) -> int
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    users: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            users[i] = users.get(i, 0) + 1
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(model)
     types = {v.name: v for v in model.graph.value_info}
     done = 0
     for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
@@ -275,10 +268,10 @@ def uint8_activations(model: onnx.ModelProto, *, symmetric: bool = False) -> int
             continue
         if any(d.op_type != "DequantizeLinear" or len(d.input) != 3 or d.input[2] != zp_name for d in dqs):
             continue  # not the plain Q → DQ pair sharing one zero point that NNCF writes
-        if users[zp_name] != 1 + len(dqs):
+        if len(readers[zp_name]) != 1 + len(dqs):
             continue  # the zero point is shared with other quantisers
         value = numpy_helper.to_array(zp).astype(np.int16)
-        if not symmetric and not value.any():
+        if not value.any():
             continue
         zp.CopyFrom(numpy_helper.from_array((value + 128).astype(np.uint8), zp_name))
         if q.output[0] in types:
@@ -341,6 +334,15 @@ def _nncf_version() -> str | None:
         return None
 
 
+def _readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name → the nodes that read it (a node reading a tensor twice is listed twice)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return readers
+
+
 #: Ops that only move or reshape data: a dequantised tensor passes through them to the op that computes on it.
 _MOVES = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Gather", "Slice"})
 
@@ -348,10 +350,7 @@ _MOVES = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "
 def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
     """Op type → how many nodes of that type compute on dequantised tensors (run in int8 by the backends):
     the readers of DequantizeLinear outputs, looking through data moves, not counting ``Shape``."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(model)
     todo = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
     seen: set[str] = set()
     compute: dict[str, onnx.NodeProto] = {}

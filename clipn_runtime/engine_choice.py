@@ -25,6 +25,7 @@ bundles exported with no gate at all run on onnxruntime as before, with a warnin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,7 @@ class PathChoice:
     skipped: list[str] = field(default_factory=list)
 
 
+@functools.cache
 def cpu_has_int8_dot() -> bool:
     """The CPU has an int8 dot-product unit (VNNI or AMX): where OpenVINO's int8 is the fast path. Reads Linux's
     /proc/cpuinfo; elsewhere (or unreadable) False, which keeps onnxruntime first for int8."""
