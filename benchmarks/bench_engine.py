@@ -420,6 +420,61 @@ def best_batches(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     return out
 
 
+#: The engine the fastest CPU engine is measured against: what ``clipn-export --int8`` gives without calibration.
+INT8_BASELINE = "ort-int8"
+#: The batch the fastest CPU engine is picked at.
+FASTEST_AT = 8
+
+
+def fastest_cpu(rows: Sequence[Mapping[str, Any]], batch: int = FASTEST_AT) -> dict[str, Any] | None:
+    """The CPU engine with the most images/s at ``batch``, against onnxruntime's dynamic int8 in the same run:
+    its ratio at ``batch``, both batch-1 latencies and its fraction of the limit. ``None`` without that batch."""
+    cpu = [x for x in rows if x["device"] == "cpu"]
+    at = {x["backend"]: x for x in cpu if x["batch"] == batch}
+    if not at:
+        return None
+    best = max(at.values(), key=lambda x: x["images_per_s"])
+    base = at.get(INT8_BASELINE)
+    first = min(x["batch"] for x in cpu)
+    lat = {x["backend"]: x["median_ms"] for x in cpu if x["batch"] == first}
+    return {
+        "backend": best["backend"],
+        "what": best["what"],
+        "batch": batch,
+        "images_per_s": best["images_per_s"],
+        "baseline": INT8_BASELINE if base else None,
+        "baseline_images_per_s": base["images_per_s"] if base else None,
+        "speedup_vs_baseline": best["images_per_s"] / base["images_per_s"] if base else None,
+        "latency_batch": first,
+        "median_ms": lat.get(best["backend"]),
+        "baseline_median_ms": lat.get(INT8_BASELINE),
+        "limit_fraction": best["limit_fraction"],
+        "numeric": best["numeric"],
+    }
+
+
+def fastest_line(f: Mapping[str, Any] | None) -> str:
+    """One sentence for the Markdown of the engine benchmark and the suite."""
+    if f is None:
+        return ""
+    vs = (
+        f" = {f['speedup_vs_baseline']:.2f}× onnxruntime dynamic int8 ({f['baseline']}, "
+        f"{f['baseline_images_per_s']:.2f})"
+        if f["baseline"]
+        else " (no onnxruntime dynamic int8 row to compare with)"
+    )
+    lat = (
+        f"; batch {f['latency_batch']} median {f['median_ms']:.1f} ms against {f['baseline_median_ms']:.1f} ms"
+        if f["median_ms"] is not None and f["baseline_median_ms"] is not None
+        else ""
+    )
+    limit = "" if f["limit_fraction"] is None else f"; {_pct(f['limit_fraction'])} of the {f['numeric']} limit"
+    return (
+        f"**Fastest CPU engine at batch {f['batch']}**: {f['backend']} ({f['what']}), "
+        f"{f['images_per_s']:.2f} images/s{vs}{lat}{limit}."
+    )
+
+
 def make_rows(
     times: Mapping[str, Mapping[int, list[float]]], gflop: float | None, threads: int
 ) -> list[dict[str, Any]]:
@@ -546,7 +601,8 @@ def markdown(r: Mapping[str, Any], png: str) -> str:
     return (
         f"## Image engine: PyTorch, onnxruntime and OpenVINO against the CPU's limits ({r['model']} at "
         f"{r['image_size']} px, {CLASSES} classes, random init, {threads} threads)\n\n"
-        f"**Latency at batch {lat_b}** (median and p90 over the n calls of all rounds):\n\n{lat}\n"
+        + (f"{fastest_line(r['fastest_cpu'])}\n\n" if r.get("fastest_cpu") else "")
+        + f"**Latency at batch {lat_b}** (median and p90 over the n calls of all rounds):\n\n{lat}\n"
         + (f"**Throughput** (images/s at the median call):\n\n{tput}\n" if tput else "")
         + f"**The CPU's limits** ({lim['core']}, {lim['vector_bits']}-bit datapath, {lim['clock_mhz']:.0f} MHz: "
         f"{lim['clock_source']}; {gflop or 0:.3g} GFLOP per image):\n\n{limits}\n"
@@ -655,6 +711,7 @@ def main(argv: list[str] | None = None) -> None:
         "best_batch": {},
     }
     payload["best_batch"] = best_batches([x for x in rows if x["device"] == "cpu"])
+    payload["fastest_cpu"] = fastest_cpu(rows)
     from plot import plot_engine
 
     png = args.out / f"{args.name or f'engine_{args.mode}'}.png"

@@ -28,6 +28,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_engine import fastest_line  # noqa: E402
 from common import RESULTS, write_result  # noqa: E402
 
 ROOT = HERE.parent
@@ -109,8 +110,11 @@ def _engine_md(r: dict[str, Any]) -> str:
     lim = r["limits"]
     peaks = ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} none" for k, v in r["limit_gflops"].items())
     notes = "".join(f"\n_{n}._" for n in r.get("notes", []))
+    fastest = fastest_line(r.get("fastest_cpu"))
     return (
-        "\n".join(lines) + f"\n\nLimits ({lim['core']}, {lim['vector_bits']}-bit, {lim['clock_mhz']:.0f} MHz, "
+        "\n".join(lines)
+        + (f"\n\n{fastest}" if fastest else "")
+        + f"\n\nLimits ({lim['core']}, {lim['vector_bits']}-bit, {lim['clock_mhz']:.0f} MHz, "
         f"{r['threads']['torch']} threads): {peaks} GFLOP/s.{notes}\n"
     )
 

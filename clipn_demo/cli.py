@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from clipn_demo.demo import FULL, QUICK, TARGET_TPR, calibrated_table, run_demo, summary_table
+from clipn_demo.demo import FULL, QUICK, TARGET_TPR, calibrated_table, int8_line, run_demo, summary_table
 from clipn_runtime import clikit
 from clipn_runtime.clikit import EXIT_OK
 from clipn_runtime.clikit import EXIT_PARTIAL as EXIT_EVAL_ERRORS
@@ -84,6 +84,7 @@ def main(
         f"\nAt the thresholds calibrated at TPR {TARGET_TPR} on held-out ID images (ID kept / OOD let through):"
     )
     click.echo(calibrated_table(result))
+    echo(f"\n{int8_line(result)}")
     echo(f"\nreport: {output / 'report' / 'summary.md'}; total {result.stage_seconds['total']:.0f} s")
     for name, verdict in result.parity.items():
         if verdict != "ok":

@@ -149,6 +149,10 @@ class DemoResult:
     #: per split, the eval ID images the calibrated decisions were checked on
     eval_id_images: dict[str, int] = field(default_factory=dict)
     eval_errors: int = 0
+    #: per split, the numeric path the int8 bundle ran on (clipn-detect's choice here, e.g. int8:openvino:bf16)
+    #: and the parity gate's ATD rank correlation for it on the held-out ID images
+    int8_engine: dict[str, str] = field(default_factory=dict)
+    int8_gate_rank_corr: dict[str, float | None] = field(default_factory=dict)
 
     def auroc(self, split: str, model: str, method: str) -> float:
         for r in self.rows:
@@ -501,7 +505,10 @@ def _export(
 
     key = {**key, "kind": folder.name, "int8": int8, "mcm_bank": True}  # bundles before the bank: made again
     if calibration is not None:  # static int8; a bundle made before calibration existed is made again
+        from clipn_export.int8_calibration import default_hold_out
+
         key["calibration"] = CALIBRATION_IMAGES
+        key["parity_held_out"] = default_hold_out(CALIBRATION_IMAGES)
     if _stage_done(folder, key):  # the gate's verdict of that earlier export is in its manifest
         parity = json.loads((folder / "clipn.json").read_text(encoding="utf-8")).get("parity") or {}
         return "ok" if parity.get("passed", True) else "parity gate failed (see its clipn.json)"
@@ -534,13 +541,20 @@ def _evaluate_split(
     import numpy as np
 
     from clipn_eval.evaluate import EngineScorer, evaluate
+    from clipn_runtime.engine_choice import gate_records
 
     eval_dir = out / "data" / "eval" / sp.name
-    runs = (("clipn", "clipn", "fp32"), ("clipn-int8", "clipn", "int8"), ("control", "control", "fp32"))
-    for model_name, bundle, precision in runs:
+    # The int8 bundle runs where clipn-detect --precision int8 runs it on this machine (OpenVINO on a CPU with
+    # VNNI/AMX, else onnxruntime): the accuracy reported is that of the engine a user gets.
+    runs = (
+        ("clipn", "clipn", "cpu", "fp32"),
+        ("clipn-int8", "clipn", "auto", "int8"),
+        ("control", "control", "cpu", "fp32"),
+    )
+    for model_name, bundle, device, precision in runs:
         scorer = EngineScorer(
             out / "bundles" / sp.name / bundle,
-            device="cpu",
+            device=device,
             threads=threads,
             precision=precision,
             batch_size=64,
@@ -574,6 +588,12 @@ def _evaluate_split(
             for r in report.rows
             if r.ood_set == "ood"
         ]
+        if model_name == "clipn-int8":
+            path = scorer.detector.numeric_path
+            key = path.key if path is not None else scorer.detector.engine_file
+            result.int8_engine[sp.name] = key
+            gate = gate_records(scorer.detector.manifest).get(key) or {}
+            result.int8_gate_rank_corr[sp.name] = gate.get("atd_rank_corr")
         if model_name == "control":
             atd = np.concatenate([report.id_scores["atd"], *(s["atd"] for s in report.ood_scores.values())])
             result.control_atd_spread[sp.name] = float(atd.max() - atd.min())
@@ -638,6 +658,16 @@ def calibrated_table(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
+def int8_line(result: DemoResult) -> str:
+    """Which engine the int8 row ran on per split, and its parity-gate ATD rank correlation."""
+    cells = [
+        f"{s}: {engine}, gate ATD ρ "
+        + ("n/a" if (rho := result.int8_gate_rank_corr.get(s)) is None else f"{rho:.4f}")
+        for s, engine in result.int8_engine.items()
+    ]
+    return "int8 bundle ran on (clipn-detect --precision int8's choice here): " + "; ".join(cells)
+
+
 def write_summary(result: DemoResult) -> Path:
     out = result.out_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -654,6 +684,8 @@ def write_summary(result: DemoResult) -> Path:
         "eval_id_images": result.eval_id_images,
         "target_tpr": TARGET_TPR,
         "eval_errors": result.eval_errors,
+        "int8_engine": result.int8_engine,
+        "int8_gate_rank_corr": result.int8_gate_rank_corr,
     }
     atomic_write(out / "summary.json", json.dumps(record, indent=1) + "\n")
     spread = {k: float(f"{v:.2g}") for k, v in result.control_atd_spread.items()}
@@ -663,7 +695,7 @@ def write_summary(result: DemoResult) -> Path:
         "AUROC and FPR at 95 % TPR in percent, ID = positive, held-out images. Splits:\n"
         f"{splits}\n\nAt the thresholds calibrated (clipn-calibrate, TPR {TARGET_TPR}) on n held-out ID "
         "images, on the same eval images (m ID), in percent:\n\n"
-        f"{calibrated_table(result)}\n\nControl ATD score spread (max − min over all images): {json.dumps(spread)}\n\n"
+        f"{calibrated_table(result)}\n\n{int8_line(result)}\n\nControl ATD score spread (max − min over all images): {json.dumps(spread)}\n\n"
         f"Stage times (s): {json.dumps(result.stage_seconds)}\n"
     )
     atomic_write(out / "summary.md", text)

@@ -64,9 +64,9 @@ identical decisions; fp16/bf16/int8 must keep the ATD ranking (--parity-min-rank
 batch at run time). With --calibration DIR (a few hundred of your own ID
 images), it quantises statically (weights and activations int8, ranges measured
 on those images; convolutions and the scoring head stay float): for CPUs with
-VNNI or AMX, whose int8 arithmetic is up to 4x their fp32. --parity-images of
-them are held out (when enough remain), and the parity gate checks every engine
-on those instead of on generated images. clipn.json records how and on what
+VNNI or AMX, whose int8 arithmetic is up to 4x their fp32. A quarter of them
+(16 to 64; --parity-images) are held out when enough remain, and the parity
+gate checks every engine on those instead of on generated images. clipn.json records how and on what
 (method, NNCF version, image count and fingerprint). Check the result on your
 own ID and OOD images: clipn-eval --precision int8 vs --precision fp32.
 
@@ -213,11 +213,10 @@ the text-bank cache keeps finished banks); 1 unexpected error (also: the
 @click.option("--triton-name", default="clipn", show_default=True, help="Model name inside --triton-repo.")
 @click.option(
     "--parity-images",
-    default=16,
-    show_default=True,
+    default=None,
     type=int,
-    help="Images for the parity gate: generated ones, or with --calibration that many of your images, held out "
-    "of the calibration.",
+    help="Images for the parity gate: generated ones [default: 16], or with --calibration that many of your "
+    "images, held out of the calibration [default: a quarter of those found, 16 to 64].",
 )
 @click.option(
     "--parity-atol", default=1e-4, show_default=True, type=float, help="fp32 gate: max |Δ| of every output."
@@ -289,7 +288,7 @@ class _Request:
     pretrained: str | None
     variant: str | None
     device: str
-    parity_images: int
+    parity_images: int | None
     parity_atol: float
     parity_min_rank_fp16: float
     parity_min_rank_bf16: float
@@ -304,11 +303,13 @@ def _parse(params: dict[str, Any]) -> tuple[_Request, ExportOptions]:
     """The click parameters (named like the fields) as the request and its :class:`ExportOptions`."""
     own = set(_Request.__dataclass_fields__)
     r = _Request(**{k: v for k, v in params.items() if k in own})
-    if r.parity_images < 2:
+    if r.parity_images is not None and r.parity_images < 2:
         raise UserError("--parity-images must be ≥ 2 (a rank correlation needs at least two images)")
+    default = ParityOptions()
     parity = ParityOptions(
         enabled=not r.no_parity,
-        images=r.parity_images,
+        images=default.images if r.parity_images is None else r.parity_images,
+        held_out=default.held_out if r.parity_images is None else r.parity_images,
         atol=r.parity_atol,
         min_rank_corr={
             "fp16": r.parity_min_rank_fp16,

@@ -35,6 +35,7 @@ from clipn_export.options import ExportOptions
 from clipn_export.parity import ParityReport, parity_images, run_parity
 from clipn_export.textbank import TextBank, build_single_bank, build_text_bank
 from clipn_runtime.bundle import (
+    INT8_DYNAMIC,
     MANIFEST_NAME,
     ROLE_IMAGE_ENGINE,
     ROLE_TENSORRT,
@@ -419,7 +420,7 @@ def _load_calibration(job: _Job) -> CalibrationSet:
 
     o = job.options
     with _timed(job.seconds, "calibration_images"):
-        hold_out = o.parity.images if o.parity.enabled else 0
+        hold_out = o.parity.held_out if o.parity.enabled else 0
         found = find_calibration_images(o.calibration, o.calibration_size, hold_out)
         calibration = load_calibration(found, _preprocess(job.loaded.info, job.size, uint8_input=False))
     log.info("int8: static, calibrated on %d of your images (%d found)", len(calibration), calibration.found)
@@ -438,7 +439,7 @@ def _write_engine(
         enc, quantization = prec.to_int8_static(parts.encoder, calibration, progress=o.progress)
     elif p == "int8":
         enc = prec.to_int8(parts.encoder, o.int8_options)
-        quantization = {"method": prec.METHOD_DYNAMIC, **vars(o.int8_options or prec.Int8Options())}
+        quantization = {"method": INT8_DYNAMIC, **vars(o.int8_options or prec.Int8Options())}
     else:
         enc = parts.encoder
     graph = ox.chain([*parts.front, (ox.PREFIX_ENCODER, enc), (ox.PREFIX_HEAD, parts.head_graph)])

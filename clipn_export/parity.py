@@ -50,7 +50,11 @@ class ParityOptions:
     """What the gate runs and its thresholds."""
 
     enabled: bool = True
+    #: generated images (no --calibration)
     images: int = 16
+    #: with --calibration: the user's images held out of it for the gate; None = a quarter of those found,
+    #: 16 to 64 (:func:`clipn_export.int8_calibration.default_hold_out`)
+    held_out: int | None = None
     seed: int = 0
     #: fp32: max |Δ| allowed for every float output.
     atol: float = 1e-4

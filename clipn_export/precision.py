@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from clipn_runtime.bundle import INT8_STATIC
+
 if TYPE_CHECKING:
     from clipn_export.int8_calibration import CalibrationSet
 
@@ -182,11 +184,6 @@ class StaticInt8Options:
     overflow_fix: str = "enable"
 
 
-#: ``quantization.method`` in the engine's manifest meta, per int8 kind.
-METHOD_DYNAMIC = "onnxruntime dynamic"
-METHOD_STATIC = "nncf static"
-
-
 def to_int8_static(
     encoder: onnx.ModelProto,
     calibration: CalibrationSet,
@@ -227,7 +224,7 @@ def to_int8_static(
         uint8_activations(quantized)
     drop_zero_weight_zero_points(quantized)
     record = {
-        "method": METHOD_STATIC,
+        "method": INT8_STATIC,
         "format": "QDQ (QuantizeLinear/DequantizeLinear, int8 weights and activations)",
         "nncf": _nncf_version(),
         "model_type": opts.model_type,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,12 @@ class TensorSpec:
     dtype: str
 
 
+#: ``meta.quantization.method`` of an int8 engine: activation ranges measured per batch at run time (onnxruntime's
+#: dynamic quantisation), or calibrated once at export (NNCF, a QDQ graph). Engines differ in speed on them.
+INT8_DYNAMIC = "onnxruntime dynamic"
+INT8_STATIC = "nncf static"
+
+
 @dataclass(frozen=True)
 class BundleFile:
     """A file of the bundle with its hash; engines also carry their precision and graph signature."""
@@ -93,6 +100,12 @@ class BundleFile:
 
     def output(self, name: str) -> TensorSpec | None:
         return next((o for o in self.outputs if o.name == name), None)
+
+    @property
+    def static_int8(self) -> bool:
+        """An int8 engine with calibrated activation ranges (an older int8 engine without the record is dynamic)."""
+        q = self.meta.get("quantization")
+        return self.precision == "int8" and isinstance(q, Mapping) and q.get("method") == INT8_STATIC
 
 
 @dataclass(frozen=True)

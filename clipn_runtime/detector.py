@@ -57,7 +57,14 @@ from clipn_runtime.engine import (
     open_engine,
     tensorrt_importable,
 )
-from clipn_runtime.engine_choice import ONNXRUNTIME, NumericPath, PathChoice, choose_path, cpu_has_int8_dot
+from clipn_runtime.engine_choice import (
+    ONNXRUNTIME,
+    NumericPath,
+    PathChoice,
+    choose_path,
+    cpu_has_amx,
+    cpu_has_int8_dot,
+)
 from clipn_runtime.errors import UserError
 from clipn_runtime.inputs import path_fields, printable
 from clipn_runtime.preprocess import ImageDecodeError, Preprocessor, open_image
@@ -369,6 +376,7 @@ class Detector:
             allow_unchecked=self.allow_unchecked,
             prefer=self.calibration.measured_on.numeric_path if self.calibration is not None else None,
             int8_dot=cpu_has_int8_dot(),
+            amx=cpu_has_amx(),
         )
         for why in choice.skipped:
             log.info("engine choice: skipped %s", why)

@@ -6,13 +6,24 @@ numbers: OpenVINO on a CPU with bf16 runs an fp32 file in bf16 unless told other
 parity gate on every path it can run on the export machine and records each one in the manifest
 (``parity.paths``, keyed by :attr:`NumericPath.key`); :func:`choose_path` only returns a path that passed there.
 
-Defaults, fastest first (the order is fixed, not timed: it holds on every CPU measured for the project, see
-docs/benchmarks.md):
+Defaults, fastest first. The order is fixed, not timed per run; it follows the ViT-B-16 measurements of
+docs/benchmarks.md (2 threads, batch 8) on the CPUs the project has had, and OpenVINO comes first only where it
+was the faster engine:
 
-* a CPU (``auto`` with no GPU, ``openvino``): int8, then fp32, then fp16 files; for each file OpenVINO bf16
-  (where this CPU runs bf16), OpenVINO f32, then onnxruntime — except the int8 file on a CPU without VNNI or AMX
-  (AVX2 only), where onnxruntime comes first: OpenVINO's int8 kernels were the slowest engine there (AMD EPYC
-  Zen 1: 0.33–0.36 images/s for ViT-B-16 against 0.44–0.48 for onnxruntime's); ``cpu`` is onnxruntime only.
+* a CPU (``auto`` with no GPU, ``openvino``):
+
+  1. a **static** int8 file (calibrated at export) on OpenVINO, bf16 hint before f32, where the CPU has an int8
+     dot product (VNNI or AMX). Intel Xeon with AMX: 53.5 images/s against 31.2 for onnxruntime's dynamic int8.
+  2. with AMX only, the fp32 file on OpenVINO with the bf16 hint: AMX runs bf16 at about 4× fp32, faster than
+     onnxruntime's dynamic int8 (35.4 images/s against 31.2).
+  3. the int8 file on onnxruntime, static or dynamic.
+  4. the fp32 file: OpenVINO bf16 (where this CPU runs bf16), OpenVINO f32, onnxruntime; then the fp16 file
+     likewise.
+  5. last, OpenVINO on an int8 file it runs slowly: a dynamic one on any CPU (its per-batch quantisation ran at
+     6.5 images/s on the AMX Xeon, below the fp32 engines), a static one without VNNI/AMX (AMD EPYC Zen 1: 0.90
+     against 1.80 for onnxruntime's).
+
+  ``cpu`` is onnxruntime only.
 * a GPU (``cuda``, ``tensorrt``, ``auto`` when onnxruntime has the CUDA provider): fp16, fp32, then int8 files on
   onnxruntime (its dynamic int8 runs on the CPU provider only).
 
@@ -36,7 +47,6 @@ ONNXRUNTIME = "onnxruntime"
 OPENVINO = "openvino"
 #: What ``--precision`` accepts: the engine files' precisions and bf16 (OpenVINO's hint on the fp32 file).
 RUNTIME_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-_CPU_FILES = ("int8", "fp32", "fp16")
 NO_GATE = "the bundle was exported without clipn-export's parity gate"
 _GPU_FILES = ("fp16", "fp32", "int8")
 
@@ -91,36 +101,64 @@ class PathChoice:
 
 
 @functools.cache
-def cpu_has_int8_dot() -> bool:
-    """The CPU has an int8 dot-product unit (VNNI or AMX): where OpenVINO's int8 is the fast path. Reads Linux's
-    /proc/cpuinfo; elsewhere (or unreadable) False, which keeps onnxruntime first for int8."""
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from Linux's /proc/cpuinfo; empty elsewhere (or unreadable), which keeps the
+    order of a CPU without VNNI or AMX: onnxruntime first for int8."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
+            return frozenset(next((line for line in fh if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        return frozenset()
+
+
+def cpu_has_int8_dot() -> bool:
+    """The CPU has an int8 dot-product unit (VNNI or AMX): where OpenVINO's static int8 is the fast path."""
+    return not _cpu_flags().isdisjoint(("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def cpu_has_amx() -> bool:
+    """The CPU has AMX tiles for bf16: where OpenVINO's bf16 outruns onnxruntime's dynamic int8."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def candidate_paths(
-    files: Iterable[str], *, device: str, gpu: bool, openvino: bool, bf16: bool, int8_dot: bool = True
+    files: Iterable[str],
+    *,
+    device: str,
+    gpu: bool,
+    openvino: bool,
+    bf16: bool,
+    int8_dot: bool = True,
+    amx: bool = False,
+    static_int8: bool = False,
 ) -> list[NumericPath]:
-    """Every path for ``device`` over the bundle's engine files, fastest first (see the module's order)."""
+    """Every path for ``device`` over the bundle's engine files, fastest first (see the module's order).
+
+    ``static_int8``: the int8 file's activation ranges were calibrated at export (:attr:`BundleFile.static_int8`).
+    """
     have = set(files)
     on_openvino = device == OPENVINO or device.startswith(OPENVINO + ":")
     if device in ("cuda", "tensorrt") or (device == "auto" and gpu):
         return [NumericPath(p) for p in _GPU_FILES if p in have]
-    out: list[NumericPath] = []
-    for p in _CPU_FILES:
-        if p not in have:
-            continue
-        ov: list[NumericPath] = []
-        if on_openvino or (device == "auto" and openvino):
-            # bf16 is offered where the device may run it; the gate's record decides whether it may.
-            hints = ["bf16", "f32"] if bf16 else ["f32"]
-            ov = [NumericPath(p, OPENVINO, h) for h in hints]
-        ort = [] if on_openvino else [NumericPath(p)]
-        out += ort + ov if p == "int8" and not int8_dot else ov + ort
+    use_ov = on_openvino or (device == "auto" and openvino)
+    # bf16 is offered where the device may run it; the gate's record decides whether it may.
+    hints = ("bf16", "f32") if bf16 else ("f32",)
+
+    def ov(p: str, only: tuple[str, ...] = hints) -> list[NumericPath]:
+        return [NumericPath(p, OPENVINO, h) for h in only] if use_ov and p in have else []
+
+    def ort(p: str) -> list[NumericPath]:
+        return [NumericPath(p)] if not on_openvino and p in have else []
+
+    int8_fast_on_ov = static_int8 and int8_dot
+    out = ov("int8") if int8_fast_on_ov else []
+    if amx and bf16:
+        out += ov("fp32", ("bf16",))
+    out += ort("int8")
+    for p in ("fp32", "fp16"):
+        out += [path for path in ov(p) if path not in out] + ort(p)
+    if not int8_fast_on_ov:
+        out += ov("int8")
     return out
 
 
@@ -135,11 +173,13 @@ def choose_path(
     allow_unchecked: bool = False,
     prefer: str | None = None,
     int8_dot: bool = True,
+    amx: bool = False,
 ) -> PathChoice:
     """The fastest path for ``device`` (and ``precision``, if given) that passed the gate.
 
     ``gpu``: onnxruntime can use a GPU; ``openvino``: OpenVINO is installed; ``bf16``: OpenVINO's CPU plugin runs
-    bf16 here; ``int8_dot``: the CPU has VNNI or AMX (:func:`cpu_has_int8_dot`). Raises :class:`BundleError` when the bundle has no engine for the request, or when no candidate
+    bf16 here; ``int8_dot``: the CPU has VNNI or AMX (:func:`cpu_has_int8_dot`); ``amx``: AMX bf16
+    (:func:`cpu_has_amx`). Raises :class:`BundleError` when the bundle has no engine for the request, or when no candidate
     passed the gate and ``allow_unchecked`` is false. ``prefer``: a path key to take when it is a candidate that
     passed (the path a calibration was measured on, whose thresholds hold there only).
     """
@@ -171,6 +211,8 @@ def choose_path(
         openvino=openvino,
         bf16=bf16 or precision == "bf16",
         int8_dot=int8_dot,
+        amx=amx,
+        static_int8="int8" in by_precision and by_precision["int8"].static_int8,
     )
     if precision is not None:
         paths = [p for p in paths if p.numeric == precision]

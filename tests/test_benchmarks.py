@@ -143,6 +143,59 @@ def test_budget_per_batch_and_default_batch() -> None:
     assert best["b"]["best"] == 8 and best["b"]["recommended"] == 8
 
 
+def test_fastest_cpu_engine_against_dynamic_int8() -> None:
+    import bench_engine
+
+    def row(be: str, batch: int, ips: float, device: str = "cpu") -> dict[str, object]:
+        return {"backend": be, "what": be, "batch": batch, "images_per_s": ips, "median_ms": 1000 * batch / ips,
+                "limit_fraction": ips / 100, "numeric": "int8", "device": device}  # fmt: skip
+
+    rows = [row("ort-int8", 1, 25.0), row("ort-int8", 8, 30.0), row("ov-int8-static", 1, 40.0)]
+    rows += [row("ov-int8-static", 8, 54.0), row("ov-bf16", 8, 35.0), row("ort-cuda-fp16", 8, 900.0, "cuda")]
+    f = bench_engine.fastest_cpu(rows)
+    assert f is not None and f["backend"] == "ov-int8-static"  # the GPU row is not a CPU engine
+    assert f["speedup_vs_baseline"] == pytest.approx(1.8) and f["limit_fraction"] == pytest.approx(0.54)
+    assert (f["median_ms"], f["baseline_median_ms"]) == (pytest.approx(25.0), pytest.approx(40.0))
+    line = bench_engine.fastest_line(f)
+    assert "1.80× onnxruntime dynamic int8" in line and "25.0 ms against 40.0 ms" in line and "54%" in line
+    alone = bench_engine.fastest_cpu([row("ov-bf16", 8, 35.0)])
+    assert (
+        alone is not None
+        and alone["baseline"] is None
+        and "no onnxruntime dynamic int8" in (bench_engine.fastest_line(alone))
+    )
+    assert bench_engine.fastest_cpu([row("ov-bf16", 32, 35.0)]) is None
+
+
+def test_openvino_profile_sums_the_layers(tiny_bundle_factory: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip(
+        "openvino", reason="the profile reads OpenVINO's performance counters (the openvino extra)"
+    )
+    import ov_profile
+
+    bundle = tiny_bundle_factory(int8=True)
+    args = [
+        "--precision",
+        "fp32",
+        "--hint",
+        "f32",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--calls",
+        "2",
+        "--gflop",
+        "1",
+    ]
+    assert ov_profile.main([str(bundle), *args]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.count("|") == 6 and "---" not in line][1:]  # no header
+    shares = [float(line.split("|")[5].strip().rstrip("%")) for line in rows]
+    assert len(shares) > 3 and abs(sum(shares) - 100) < 1.0, out
+    assert "matrix-multiplication layers" in out and "G(FL)OP/s" in out
+
+
 def test_timed_calls_within_budget() -> None:
     calls: list[int] = []
     t = harness.timed_calls(

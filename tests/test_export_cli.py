@@ -162,7 +162,11 @@ def test_the_cli_fills_one_export_options_with_the_library_defaults(tmp_path: Pa
         threads=2,
         progress=False,
         parity=ParityOptions(
-            enabled=False, images=4, atol=0.5, min_rank_corr={"fp16": 0.99, "bf16": 0.9, "int8": 0.5}
+            enabled=False,
+            images=4,
+            held_out=4,
+            atol=0.5,
+            min_rank_corr={"fp16": 0.99, "bf16": 0.9, "int8": 0.5},
         ),
     )
 

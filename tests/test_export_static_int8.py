@@ -18,12 +18,13 @@ from clipn_export.cli import EXIT_OK, EXIT_USAGE, main
 from clipn_export.head import normalize_uint8
 from clipn_export.int8_calibration import (
     MIN_CALIBRATION_IMAGES,
+    default_hold_out,
     find_calibration_images,
     load_calibration,
 )
 from clipn_export.parity import parity_images
-from clipn_export.precision import ENGINE_FILES, METHOD_DYNAMIC, METHOD_STATIC, quantized_ops
-from clipn_runtime.bundle import Preprocess, load_manifest
+from clipn_export.precision import ENGINE_FILES, quantized_ops
+from clipn_runtime.bundle import INT8_DYNAMIC, INT8_STATIC, Preprocess, load_manifest
 from clipn_runtime.engine import EngineSpec, open_engine
 from clipn_runtime.errors import UserError
 from clipn_runtime.preprocess import Preprocessor, open_image
@@ -92,7 +93,7 @@ def test_static_int8_bundle_is_qdq_in_the_encoder_only(static_bundle: Path, cali
     assert not any(n.op_type in QDQ for n in model.graph.node if n.name.startswith(ox.PREFIX_HEAD))
 
     q = entry.meta["quantization"]
-    assert q["method"] == METHOD_STATIC and q["model_type"] == "transformer" and q["nncf"]
+    assert q["method"] == INT8_STATIC and q["model_type"] == "transformer" and q["nncf"]
     assert q["ignored_scope"]["types"][0] == "Conv"
     assert q["quantized_ops"] == quantized_ops(model) and set(q["quantized_ops"]) == {"MatMul", "Gemm"}
 
@@ -144,6 +145,9 @@ def test_hold_out_for_the_gate(calib_dir: Path) -> None:
     # too few images to hold 30 out and keep the minimum: nothing is held out
     few = find_calibration_images([str(calib_dir)], hold_out=30)
     assert few.held_out == () and len(few.files) == 37
+    # by default a quarter of the images found, 16 to 64
+    assert [default_hold_out(n) for n in (37, 100, 200, 256, 300, 5000)] == [16, 25, 50, 64, 64, 64]
+    assert len(find_calibration_images([str(calib_dir)], hold_out=None).held_out) == 16
 
 
 def test_held_out_images_are_given_back_when_too_few_decode(tmp_path: Path) -> None:
@@ -166,6 +170,24 @@ def test_static_int8_scores_like_fp32(static_bundle: Path) -> None:
     for name in ("atd", "ctw", "p_ood"):
         np.testing.assert_allclose(int8[name], fp32[name], atol=5e-2, err_msg=name)
     assert not np.array_equal(int8["atd"], fp32["atd"])  # it really is another engine
+
+
+def test_clipn_detect_runs_the_static_engine_on_openvino_where_the_cpu_has_an_int8_dot(
+    static_bundle: Path,
+) -> None:
+    from clipn_runtime import Detector
+    from clipn_runtime.engine_choice import NumericPath, cpu_has_int8_dot
+    from clipn_runtime.ov_engine import cpu_supports_bf16, openvino_importable
+
+    det = Detector(static_bundle, threads=1)
+    gate = load_manifest(static_bundle).parity["paths"]
+    ov_hint = "bf16" if cpu_supports_bf16() else "f32"
+    ov_key = f"int8:openvino:{ov_hint}"
+    if openvino_importable() and cpu_has_int8_dot() and gate[ov_key]["passed"] is True:
+        assert det.numeric_path == NumericPath("int8", "openvino", ov_hint)
+    else:  # AVX2 only (OpenVINO's int8 was half onnxruntime's speed there), or no OpenVINO
+        assert det.numeric_path == NumericPath("int8")
+    assert det.engine_file == "model.int8.onnx"
 
 
 def test_calibration_pixels_are_the_runtimes(calib_dir: Path) -> None:
@@ -259,14 +281,14 @@ def test_cli_static_and_dynamic_int8(cli_args: list[str], calib_dir: Path, tmp_p
     r = CliRunner().invoke(main, [*cli_args, "--int8", "--calibration", str(calib_dir)])
     assert r.exit_code == EXIT_OK, r.output
     manifest = load_manifest(tmp_path / "bundle")
-    assert manifest.engine("int8").meta["quantization"]["method"] == METHOD_STATIC
+    assert manifest.engine("int8").meta["quantization"]["method"] == INT8_STATIC
     assert "int8: dynamic quantisation" not in r.output
     # Without --calibration: today's dynamic int8, and the log says so in one line.
     r = CliRunner().invoke(main, [*cli_args, "--int8", "--no-parity", "--overwrite"])
     assert r.exit_code == EXIT_OK, r.output
     assert sum("int8: dynamic quantisation; add --calibration" in line for line in r.output.splitlines()) == 1
     entry = load_manifest(tmp_path / "bundle").engine("int8")
-    assert entry.meta["quantization"]["method"] == METHOD_DYNAMIC and entry.path == ENGINE_FILES["int8"]
+    assert entry.meta["quantization"]["method"] == INT8_DYNAMIC and entry.path == ENGINE_FILES["int8"]
     model = onnx.load(str(tmp_path / "bundle" / entry.path))
     assert not any(n.op_type in QDQ for n in model.graph.node)
     assert any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)

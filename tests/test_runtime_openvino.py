@@ -16,10 +16,17 @@ import pytest
 from click.testing import CliRunner
 from helpers import SyntheticBundleFactory, import_blocker, make_images
 
-from clipn_runtime.bundle import MANIFEST_NAME, BundleError, Manifest, load_manifest
+from clipn_runtime.bundle import INT8_DYNAMIC, INT8_STATIC, MANIFEST_NAME, BundleError, Manifest, load_manifest
 from clipn_runtime.detector import Detector
 from clipn_runtime.engine import EngineError, EngineSpec, open_engine
-from clipn_runtime.engine_choice import NO_GATE, NumericPath, choose_path, cpu_has_int8_dot, gate_records
+from clipn_runtime.engine_choice import (
+    NO_GATE,
+    NumericPath,
+    candidate_paths,
+    choose_path,
+    cpu_has_amx,
+    gate_records,
+)
 from clipn_runtime.ov_engine import cpu_supports_bf16, openvino_importable
 
 needs_openvino = pytest.mark.skipif(
@@ -30,12 +37,18 @@ needs_openvino = pytest.mark.skipif(
 # ---- the choice (pure: a manifest and what the machine offers) ---------------------------------------------------
 
 
-def _manifest(tmp_path: Path, synthetic_bundle_factory: SyntheticBundleFactory, paths: dict[str, Any]) -> Manifest:
-    """The synthetic bundle's manifest with fp32/fp16/int8 engine entries and ``paths`` as the gate's record."""
+def _manifest(
+    tmp_path: Path, synthetic_bundle_factory: SyntheticBundleFactory, paths: dict[str, Any], *, static: bool = True
+) -> Manifest:
+    """The synthetic bundle's manifest with fp32/fp16/int8 engine entries (int8 static or dynamic) and ``paths`` as
+    the gate's record."""
     m = load_manifest(synthetic_bundle_factory(["a", "b"]).root)
     fp32 = m.engines()[0]
     files = [fp32, replace(fp32, path="model.fp16.onnx", precision="fp16")]
-    files.append(replace(fp32, path="model.int8.onnx", precision="int8"))
+    method = INT8_STATIC if static else INT8_DYNAMIC
+    files.append(
+        replace(fp32, path="model.int8.onnx", precision="int8", meta={"quantization": {"method": method}})
+    )
     return replace(m, files=files, parity={"passed": True, "paths": paths} if paths else {})
 
 
@@ -62,16 +75,18 @@ def test_default_is_the_fastest_passed_path_for_the_device(
     tmp_path: Path, synthetic_bundle_factory: SyntheticBundleFactory
 ) -> None:
     m = _manifest(tmp_path, synthetic_bundle_factory, ALL_PASSED)
-    # A CPU: int8 first; OpenVINO (bf16 where the CPU runs it) before onnxruntime; `cpu` is onnxruntime.
+    # A CPU with VNNI: static int8 on OpenVINO (bf16 where the CPU runs it) before onnxruntime; `cpu` is onnxruntime.
     assert _key(m, device="auto", openvino=True, bf16=True) == "int8:openvino:bf16"
     assert _key(m, device="auto", openvino=True, bf16=False) == "int8:openvino:f32"
     assert _key(m, device="auto", openvino=False) == "int8:onnxruntime"
     assert _key(m, device="cpu", openvino=True, bf16=True) == "int8:onnxruntime"
     assert _key(m, device="openvino", openvino=True, bf16=True) == "int8:openvino:bf16"
-    # Without VNNI/AMX (AVX2 only) OpenVINO's int8 was the slowest engine: onnxruntime's int8 goes first.
+    # Without VNNI/AMX (AVX2 only) OpenVINO's int8 was the slowest engine: onnxruntime's int8 goes first, and on
+    # OpenVINO alone its fp32 engine.
     assert _key(m, device="auto", openvino=True, bf16=False, int8_dot=False) == "int8:onnxruntime"
     assert _key(m, device="auto", precision="fp32", openvino=True, int8_dot=False) == "fp32:openvino:f32"
-    assert _key(m, device="openvino", openvino=True, int8_dot=False) == "int8:openvino:f32"
+    assert _key(m, device="openvino", openvino=True, int8_dot=False) == "fp32:openvino:f32"
+    assert _key(m, device="openvino", precision="int8", openvino=True, int8_dot=False) == "int8:openvino:f32"
     # A GPU: fp16 first, onnxruntime (the gate's onnxruntime record covers its providers).
     assert _key(m, device="auto", gpu=True, openvino=True) == "fp16:onnxruntime"
     assert _key(m, device="cuda") == "fp16:onnxruntime"
@@ -80,6 +95,47 @@ def test_default_is_the_fastest_passed_path_for_the_device(
     assert _key(m, device="auto", precision="fp32", openvino=True, bf16=True) == "fp32:openvino:f32"
     assert _key(m, device="auto", precision="bf16", openvino=True) == "fp32:openvino:bf16"
     assert _key(m, device="cpu", precision="fp32") == "fp32:onnxruntime"
+
+
+def test_the_order_follows_the_int8_kind_and_the_cpu(
+    tmp_path: Path, synthetic_bundle_factory: SyntheticBundleFactory
+) -> None:
+    static = _manifest(tmp_path, synthetic_bundle_factory, ALL_PASSED)
+    dynamic = _manifest(tmp_path, synthetic_bundle_factory, ALL_PASSED, static=False)
+    assert static.engine("int8").static_int8 and not dynamic.engine("int8").static_int8
+    amx = {"device": "auto", "openvino": True, "bf16": True, "int8_dot": True, "amx": True}
+    # AMX: static int8 on OpenVINO, else bf16 on OpenVINO, which outran onnxruntime's dynamic int8.
+    assert _key(static, **amx) == "int8:openvino:bf16"
+    assert _key(dynamic, **amx) == "fp32:openvino:bf16"
+    # OpenVINO's dynamic int8 was slower than every fp32 engine: never the default, even on OpenVINO alone.
+    vnni = {**amx, "amx": False}
+    assert _key(dynamic, **vnni) == "int8:onnxruntime"
+    assert _key(dynamic, **{**vnni, "device": "openvino"}) == "fp32:openvino:bf16"
+    assert _key(dynamic, **{**vnni, "device": "openvino", "precision": "int8"}) == "int8:openvino:bf16"
+    # The whole order, AMX, static int8: the module docstring's five steps.
+    files = ["fp32", "fp16", "int8"]
+    order = [
+        p.key
+        for p in candidate_paths(
+            files, device="auto", gpu=False, openvino=True, bf16=True, amx=True, static_int8=True
+        )
+    ]
+    assert order == [
+        "int8:openvino:bf16", "int8:openvino:f32", "fp32:openvino:bf16", "int8:onnxruntime", "fp32:openvino:f32",
+        "fp32:onnxruntime", "fp16:openvino:bf16", "fp16:openvino:f32", "fp16:onnxruntime",
+    ]  # fmt: skip
+    zen1 = [
+        p.key
+        for p in candidate_paths(
+            files, device="auto", gpu=False, openvino=True, bf16=False, int8_dot=False, static_int8=True
+        )
+    ]
+    assert zen1 == [
+        "int8:onnxruntime", "fp32:openvino:f32", "fp32:onnxruntime", "fp16:openvino:f32", "fp16:onnxruntime",
+        "int8:openvino:f32",
+    ]  # fmt: skip
+    # An int8 engine written before the record existed is dynamic.
+    assert not replace(static.engine("int8"), meta={}).static_int8
 
 
 def test_a_path_the_gate_did_not_pass_is_skipped_and_alone_is_refused(
@@ -227,9 +283,13 @@ def test_the_gate_records_every_path_it_ran(int8_bundle: Path) -> None:
 def test_detector_runs_the_fastest_checked_path(int8_bundle: Path, tmp_path: Path) -> None:
     imgs = make_images(tmp_path / "imgs", 6)
     auto = Detector(int8_bundle)
-    assert auto.engine_file == "model.int8.onnx"
-    assert auto.engine.backend == ("openvino" if cpu_has_int8_dot() else "onnxruntime")
-    assert auto.numeric_precision in ("int8",)
+    # A dynamic int8 bundle: onnxruntime's int8, unless AMX runs the fp32 engine in bf16 and the gate passed it.
+    assert not auto.manifest.engine("int8").static_int8
+    bf16_passed = _paths(int8_bundle)["fp32:openvino:bf16"]["passed"] is True
+    if cpu_has_amx() and cpu_supports_bf16() and bf16_passed:
+        assert auto.numeric_path == NumericPath("fp32", "openvino", "bf16")
+    else:
+        assert auto.numeric_path == NumericPath("int8") and auto.engine_file == "model.int8.onnx"
     cpu = Detector(int8_bundle, device="cpu")
     assert cpu.engine.backend == "onnxruntime" and cpu.engine_file == "model.int8.onnx"
     fp32 = Detector(int8_bundle, device="openvino", precision="fp32")
@@ -263,7 +323,8 @@ def test_cli_refuses_an_unchecked_path_unless_allowed(int8_bundle: Path, tmp_pat
     assert forced.exit_code == 0, forced.output
     assert "parity gate did not pass" in forced.output and "not installed at export" in forced.output
     run = json.loads((tmp_path / "r.jsonl.run.json").read_text())
-    assert run["engine"] == "model.int8.onnx" and run["precision"] == "int8"
+    # a dynamic int8 bundle: OpenVINO's first path is its fp32 engine (its dynamic int8 ran slower than fp32)
+    assert run["engine"] == "model.onnx" and "fp32 engine on openvino" in forced.output, run
     # auto: the unchecked OpenVINO paths are skipped, onnxruntime runs.
     auto = Detector(bundle)
     assert auto.engine.backend == "onnxruntime"
