@@ -13,14 +13,14 @@ was the faster engine:
 * a CPU (``auto`` with no GPU, ``openvino``):
 
   1. a **static** int8 file (calibrated at export) on OpenVINO, bf16 hint before f32, where the CPU has an int8
-     dot product (VNNI or AMX). Intel Xeon with AMX: 53.5 images/s against 31.2 for onnxruntime's dynamic int8.
+     dot product (VNNI or AMX). Intel Xeon with AMX: 53.0 images/s against 32.1 for onnxruntime's dynamic int8.
   2. with AMX only, the fp32 file on OpenVINO with the bf16 hint: AMX runs bf16 at about 4× fp32, faster than
-     onnxruntime's dynamic int8 (35.4 images/s against 31.2).
+     onnxruntime's dynamic int8 (35.7 images/s against 32.1).
   3. the int8 file on onnxruntime, static or dynamic.
   4. the fp32 file: OpenVINO bf16 (where this CPU runs bf16), OpenVINO f32, onnxruntime; then the fp16 file
      likewise.
   5. last, OpenVINO on an int8 file it runs slowly: a dynamic one on any CPU (its per-batch quantisation ran at
-     6.5 images/s on the AMX Xeon, below the fp32 engines), a static one without VNNI/AMX (AMD EPYC Zen 1: 0.90
+     6.4 images/s on the AMX Xeon, below the fp32 engines), a static one without VNNI/AMX (AMD EPYC Zen 1: 0.90
      against 1.80 for onnxruntime's).
 
   ``cpu`` is onnxruntime only.
