@@ -66,9 +66,10 @@ images), it quantises statically (weights and activations int8, ranges measured
 on those images; convolutions and the scoring head stay float): for CPUs with
 VNNI or AMX, whose int8 arithmetic is up to 4x their fp32. A quarter of them
 (16 to 64; --parity-images) are held out when enough remain, and the parity
-gate checks every engine on those instead of on generated images. clipn.json records how and on what
-(method, NNCF version, image count and fingerprint). Check the result on your
-own ID and OOD images: clipn-eval --precision int8 vs --precision fp32.
+gate checks every engine on those instead of on generated images. clipn.json
+records how and on what (method, NNCF version, image count and fingerprint).
+Check the result on your own ID and OOD images: clipn-eval --precision int8 vs
+--precision fp32.
 
 \b
 --open-vocabulary also writes the yes/no text encoders (ONNX) and the tokenizer
