@@ -548,7 +548,7 @@ def gate_paths(
 ) -> tuple[list[tuple[BundleFile, NumericPath]], dict[str, str]]:
     """The numeric paths the gate runs here — every engine on onnxruntime, and on OpenVINO (f32, and bf16 where
     this CPU runs it) when it is installed — and those it cannot run here, with the reason."""
-    from clipn_runtime.ov_engine import cpu_supports_bf16, openvino_importable
+    from clipn_runtime.ov_engine import cpu_supports_bf16, onednn_cap_allows_bf16, openvino_importable
 
     paths: list[tuple[BundleFile, NumericPath]] = []
     skipped: dict[str, str] = {}
@@ -564,7 +564,9 @@ def gate_paths(
             if not openvino:
                 skipped[path.key] = "OpenVINO was not installed where the bundle was exported"
             elif hint == "bf16" and not bf16:
-                skipped[path.key] = "the export machine's CPU does not run bf16"
+                skipped[path.key] = "the export machine's CPU does not run bf16" + (
+                    "" if onednn_cap_allows_bf16() else " (oneDNN capped below it by ONEDNN_MAX_CPU_ISA)"
+                )
             else:
                 paths.append((e, path))
     return paths, skipped

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,20 @@ def openvino_importable() -> bool:
         return False
 
 
+def onednn_cap_allows_bf16() -> bool:
+    """False when ``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``) caps oneDNN below the ISAs with bf16
+    kernels. OpenVINO's CPU plugin still reports BF16 then, but its bf16 layers fail to initialise or crash the
+    process (OpenVINO 2026.4 on an AMX Xeon with ``ONEDNN_MAX_CPU_ISA=AVX2``: a segmentation fault), so a capped
+    machine is treated as one without bf16."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return cap in ("", "ALL", "DEFAULT") or any(isa in cap for isa in ("BF16", "FP16", "AMX", "AVX10"))
+
+
 @functools.cache
 def cpu_supports_bf16() -> bool:
-    """OpenVINO's CPU plugin runs bf16 here (AVX-512 BF16 or AMX); False without openvino."""
-    if not openvino_importable():
+    """OpenVINO's CPU plugin runs bf16 here (AVX-512 BF16 or AMX, not capped by ``ONEDNN_MAX_CPU_ISA``); False
+    without openvino."""
+    if not openvino_importable() or not onednn_cap_allows_bf16():
         return False
     import openvino as ov
 
@@ -106,6 +117,12 @@ class OpenVinoEngine:
         if self.hint not in HINTS:
             raise EngineError(
                 f"unknown OpenVINO inference precision {self.hint!r}; choose one of {', '.join(HINTS)}"
+            )
+        if self.hint == "bf16" and self.device == DEFAULT_OV_DEVICE and not onednn_cap_allows_bf16():
+            cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+            raise EngineError(
+                f"OpenVINO cannot run bf16 with oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA): its bf16 layers would "
+                "crash; unset the variable or use --precision fp32 or int8"
             )
         core = ov.Core()
         self._set_cache(core)

@@ -248,6 +248,31 @@ def test_openvino_never_runs_another_precision_than_asked(
         open_engine(replace(spec, inference_precision="f16"), device="openvino")
 
 
+def test_a_onednn_cap_below_bf16_means_no_bf16(
+    monkeypatch: pytest.MonkeyPatch, synthetic_bundle_factory: SyntheticBundleFactory
+) -> None:
+    """ONEDNN_MAX_CPU_ISA=AVX2 (CI's numerics pass) leaves OpenVINO reporting BF16 while its bf16 layers crash:
+    the runtime treats such a machine as one without bf16 and refuses a bf16 engine before compiling it."""
+    from clipn_runtime import ov_engine
+
+    for cap, allows in (("AVX2", False), ("avx512_core_vnni", False), ("AVX512_CORE_BF16", True),
+                        ("AVX512_CORE_AMX", True), ("ALL", True), ("", True)):  # fmt: skip
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert ov_engine.onednn_cap_allows_bf16() is allows, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # oneDNN's older name
+    assert not ov_engine.onednn_cap_allows_bf16()
+    ov_engine.cpu_supports_bf16.cache_clear()
+    try:
+        assert not ov_engine.cpu_supports_bf16()
+        if openvino_importable():
+            spec = EngineSpec(synthetic_bundle_factory(["a", "b"]).root / "model.onnx", inference_precision="bf16")
+            with pytest.raises(EngineError, match="cannot run bf16 with oneDNN capped at AVX2"):
+                open_engine(spec, device="openvino")
+    finally:
+        ov_engine.cpu_supports_bf16.cache_clear()
+
+
 # ---- end to end: the gate's records decide ------------------------------------------------------------------------
 
 
