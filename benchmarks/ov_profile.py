@@ -32,8 +32,8 @@ GEMM_TYPES = ("FullyConnected", "FullyConnectedQuantizedLegacy", "MatMul", "Conv
 def profile(
     engine: Path, hint: str, batch: int, threads: int, calls: int
 ) -> tuple[float, dict[tuple[str, str], tuple[float, int]]]:
-    """Mean wall seconds per call (sum of the layers) and, per (layer type, kernel), seconds per call and the
-    number of layers."""
+    """Seconds per call summed over the layers' own counters (not wall time) and, per (layer type, kernel),
+    seconds per call and the number of layers."""
     import openvino as ov
 
     core = ov.Core()

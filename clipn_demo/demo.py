@@ -544,11 +544,15 @@ def _evaluate_split(
     from clipn_runtime.engine_choice import gate_records
 
     eval_dir = out / "data" / "eval" / sp.name
-    # The int8 bundle runs where clipn-detect --precision int8 runs it on this machine (OpenVINO on a CPU with
-    # VNNI/AMX, else onnxruntime): the accuracy reported is that of the engine a user gets.
+    from clipn_runtime.engine import CUDA_EP, available_providers
+
+    # The int8 bundle runs where clipn-detect --precision int8 runs it on this machine's CPU (OpenVINO on a CPU
+    # with VNNI/AMX, else onnxruntime): the accuracy reported is that of the engine a user gets. The demo is a
+    # CPU demo: with a CUDA onnxruntime, `auto` would take the GPU order, so onnxruntime's CPU runs it there.
+    int8_device = "cpu" if CUDA_EP in available_providers() else "auto"
     runs = (
         ("clipn", "clipn", "cpu", "fp32"),
-        ("clipn-int8", "clipn", "auto", "int8"),
+        ("clipn-int8", "clipn", int8_device, "int8"),
         ("control", "control", "cpu", "fp32"),
     )
     for model_name, bundle, device, precision in runs:

@@ -163,8 +163,8 @@ def find_calibration_images(
         where = " ".join(printable(s) for s in specs)
         raise UserError(
             f"--calibration {where}: {len(images)} images found, at least {MIN_CALIBRATION_IMAGES} are needed "
-            f"(a few hundred of your own in-distribution images is right; {DEFAULT_CALIBRATION_SIZE} are used "
-            f"by default){'; ' + skipped if not_images else ''}"
+            f"(a few hundred of your own in-distribution images is right; at most {DEFAULT_CALIBRATION_SIZE} are "
+            f"calibrated on by default){'; ' + skipped if not_images else ''}"
         )
     for message in quiet.messages:
         log.warning("calibration: %s", message)

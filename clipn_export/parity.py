@@ -50,7 +50,7 @@ class ParityOptions:
     """What the gate runs and its thresholds."""
 
     enabled: bool = True
-    #: generated images (no --calibration)
+    #: generated images (without --calibration; with it, ``held_out`` counts the images, not this)
     images: int = 16
     #: with --calibration: the user's images held out of it for the gate; None = a quarter of those found,
     #: 16 to 64 (:func:`clipn_export.int8_calibration.default_hold_out`)

@@ -416,8 +416,8 @@ def engine_choice_options(f: F) -> F:
         type=click.Choice(RUNTIME_PRECISIONS),
         help="Compute at this precision (bf16: the fp32 engine on OpenVINO with bf16 arithmetic, on CPUs with "
         "AVX-512 BF16 or AMX). Default: the fastest engine that passed the bundle's parity gate for --device; on "
-        "a CPU int8, then fp32 (bf16 first where the CPU has it, OpenVINO before onnxruntime), then fp16; on a "
-        "GPU fp16, fp32, int8.",
+        "a CPU a static int8 engine on OpenVINO where the CPU has VNNI/AMX, then (with AMX) fp32 as bf16 on "
+        "OpenVINO, int8 on onnxruntime, fp32, fp16 (docs/detect.md has the order); on a GPU fp16, fp32, int8.",
     )(f)
 
 

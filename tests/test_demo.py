@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from clipn_demo.cli import main
-from clipn_demo.demo import FULL, METHODS, QUICK, TARGET_TPR, DemoResult, make_split, run_demo
+from clipn_demo.demo import FULL, METHODS, QUICK, TARGET_TPR, DemoResult, int8_line, make_split, run_demo
 from clipn_runtime.bundle import load_manifest
 from clipn_runtime.calibration import acceptance_floor, parse_tpr
 
@@ -105,6 +105,15 @@ def test_only_the_demo_depends_on_the_demo() -> None:
         if name.split(".")[0] == "clipn_demo"
     ]
     assert not offenders
+
+
+def test_the_int8_line_names_each_splits_engine_and_gate_rho(tmp_path: Path) -> None:
+    res = DemoResult(tmp_path, QUICK, seed=0)
+    res.int8_engine = {"colour": "int8:openvino:bf16", "colour-hard": "int8:onnxruntime"}
+    res.int8_gate_rank_corr = {"colour": 0.998352, "colour-hard": None}
+    line = int8_line(res)
+    assert "colour: int8:openvino:bf16, gate ATD ρ 0.9984" in line
+    assert "colour-hard: int8:onnxruntime, gate ATD ρ n/a" in line
 
 
 def test_the_toy_model_config_ships_with_the_package() -> None:

@@ -176,18 +176,21 @@ def test_clipn_detect_runs_the_static_engine_on_openvino_where_the_cpu_has_an_in
     static_bundle: Path,
 ) -> None:
     from clipn_runtime import Detector
+    from clipn_runtime.engine import CUDA_EP, available_providers
     from clipn_runtime.engine_choice import NumericPath, cpu_has_int8_dot
     from clipn_runtime.ov_engine import cpu_supports_bf16, openvino_importable
 
-    det = Detector(static_bundle, threads=1)
     gate = load_manifest(static_bundle).parity["paths"]
-    ov_hint = "bf16" if cpu_supports_bf16() else "f32"
-    ov_key = f"int8:openvino:{ov_hint}"
-    if openvino_importable() and cpu_has_int8_dot() and gate[ov_key]["passed"] is True:
-        assert det.numeric_path == NumericPath("int8", "openvino", ov_hint)
-    else:  # AVX2 only (OpenVINO's int8 was half onnxruntime's speed there), or no OpenVINO
-        assert det.numeric_path == NumericPath("int8")
-    assert det.engine_file == "model.int8.onnx"
+    hints = (["bf16"] if cpu_supports_bf16() else []) + ["f32"]
+    passed = [f"int8:openvino:{h}" for h in hints if gate.get(f"int8:openvino:{h}", {}).get("passed") is True]
+    gpu = CUDA_EP in available_providers()
+    if openvino_importable() and cpu_has_int8_dot() and passed and not gpu:
+        want = NumericPath.parse(passed[0])
+        assert Detector(static_bundle, threads=1).numeric_path == want  # no flags: the default
+    else:  # AVX2 only (OpenVINO's int8 was half onnxruntime's speed there), no OpenVINO, or a GPU
+        want = NumericPath("int8")
+    det = Detector(static_bundle, threads=1, precision="int8")
+    assert det.numeric_path == want and det.engine_file == "model.int8.onnx"
 
 
 def test_calibration_pixels_are_the_runtimes(calib_dir: Path) -> None:

@@ -134,6 +134,9 @@ def test_the_order_follows_the_int8_kind_and_the_cpu(
         "int8:onnxruntime", "fp32:openvino:f32", "fp32:onnxruntime", "fp16:openvino:f32", "fp16:onnxruntime",
         "int8:openvino:f32",
     ]  # fmt: skip
+    # An AMX CPU whose OpenVINO does not run bf16 (oneDNN capped): no bf16 path, onnxruntime's int8 first.
+    capped = [p.key for p in candidate_paths(files, device="auto", gpu=False, openvino=True, bf16=False, amx=True)]
+    assert capped[:2] == ["int8:onnxruntime", "fp32:openvino:f32"] and "fp32:openvino:bf16" not in capped
     # An int8 engine written before the record existed is dynamic.
     assert not replace(static.engine("int8"), meta={}).static_int8
 
