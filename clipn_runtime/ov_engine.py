@@ -54,12 +54,17 @@ def openvino_importable() -> bool:
         return False
 
 
+def _onednn_cap() -> str:
+    """oneDNN's ISA cap from the environment (``ONEDNN_MAX_CPU_ISA``, else its old name), upper case; "" if none."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+
+
 def onednn_cap_allows_bf16() -> bool:
     """False when ``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``) caps oneDNN below the ISAs with bf16
     kernels. OpenVINO's CPU plugin still reports BF16 then, but its bf16 layers fail to initialise or crash the
     process (OpenVINO 2026.4 on an AMX Xeon with ``ONEDNN_MAX_CPU_ISA=AVX2``: a segmentation fault), so a capped
     machine is treated as one without bf16."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    cap = _onednn_cap()
     return cap in ("", "ALL", "DEFAULT") or any(isa in cap for isa in ("BF16", "FP16", "AMX", "AVX10"))
 
 
@@ -119,9 +124,8 @@ class OpenVinoEngine:
                 f"unknown OpenVINO inference precision {self.hint!r}; choose one of {', '.join(HINTS)}"
             )
         if self.hint == "bf16" and self.device == DEFAULT_OV_DEVICE and not onednn_cap_allows_bf16():
-            cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
             raise EngineError(
-                f"OpenVINO cannot run bf16 with oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA): its bf16 layers would "
+                f"OpenVINO cannot run bf16 with oneDNN capped at {_onednn_cap()} (ONEDNN_MAX_CPU_ISA): its bf16 layers would "
                 "crash; unset the variable or use --precision fp32 or int8"
             )
         core = ov.Core()

@@ -27,7 +27,7 @@ from clipn_runtime.engine_choice import (
     cpu_has_amx,
     gate_records,
 )
-from clipn_runtime.ov_engine import cpu_supports_bf16, openvino_importable
+from clipn_runtime.ov_engine import cpu_supports_bf16, onednn_cap_allows_bf16, openvino_importable
 
 needs_openvino = pytest.mark.skipif(
     not openvino_importable(), reason="openvino is not installed (pip install 'clipn-ood[openvino]')"
@@ -112,30 +112,24 @@ def test_the_order_follows_the_int8_kind_and_the_cpu(
     assert _key(dynamic, **vnni) == "int8:onnxruntime"
     assert _key(dynamic, **{**vnni, "device": "openvino"}) == "fp32:openvino:bf16"
     assert _key(dynamic, **{**vnni, "device": "openvino", "precision": "int8"}) == "int8:openvino:bf16"
+
     # The whole order, AMX, static int8: the module docstring's five steps.
-    files = ["fp32", "fp16", "int8"]
-    order = [
-        p.key
-        for p in candidate_paths(
-            files, device="auto", gpu=False, openvino=True, bf16=True, amx=True, static_int8=True
-        )
-    ]
-    assert order == [
+    def order(**cpu: bool) -> list[str]:
+        return [
+            p.key
+            for p in candidate_paths(["fp32", "fp16", "int8"], device="auto", gpu=False, openvino=True, **cpu)
+        ]
+
+    assert order(bf16=True, amx=True, static_int8=True) == [
         "int8:openvino:bf16", "int8:openvino:f32", "fp32:openvino:bf16", "int8:onnxruntime", "fp32:openvino:f32",
         "fp32:onnxruntime", "fp16:openvino:bf16", "fp16:openvino:f32", "fp16:onnxruntime",
     ]  # fmt: skip
-    zen1 = [
-        p.key
-        for p in candidate_paths(
-            files, device="auto", gpu=False, openvino=True, bf16=False, int8_dot=False, static_int8=True
-        )
-    ]
-    assert zen1 == [
+    assert order(bf16=False, int8_dot=False, static_int8=True) == [
         "int8:onnxruntime", "fp32:openvino:f32", "fp32:onnxruntime", "fp16:openvino:f32", "fp16:onnxruntime",
         "int8:openvino:f32",
     ]  # fmt: skip
     # An AMX CPU whose OpenVINO does not run bf16 (oneDNN capped): no bf16 path, onnxruntime's int8 first.
-    capped = [p.key for p in candidate_paths(files, device="auto", gpu=False, openvino=True, bf16=False, amx=True)]
+    capped = order(bf16=False, amx=True)
     assert capped[:2] == ["int8:onnxruntime", "fp32:openvino:f32"] and "fp32:openvino:bf16" not in capped
     # An int8 engine written before the record existed is dynamic.
     assert not replace(static.engine("int8"), meta={}).static_int8
@@ -244,6 +238,9 @@ def test_openvino_never_runs_another_precision_than_asked(
     if cpu_supports_bf16():
         engine = open_engine(spec, device="openvino")
         assert "hint bf16" in engine.describe()
+    elif not onednn_cap_allows_bf16():  # ONEDNN_MAX_CPU_ISA below bf16: refused before compiling
+        with pytest.raises(EngineError, match="cannot run bf16 with oneDNN capped"):
+            open_engine(spec, device="openvino")
     else:  # OpenVINO would quietly run f32: a path the gate did not check as such
         with pytest.raises(EngineError, match="runs model.onnx in f32 on this CPU, not the bf16"):
             open_engine(spec, device="openvino")
